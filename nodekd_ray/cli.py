@@ -1,0 +1,207 @@
+"""``nodekd``: train a teacher, train a student, attack a model.
+
+Bad input prints one line ``nodekd: error: FIELD: what is allowed`` and exits 2, before anything
+is written; outputs are written atomically at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default also prints the usage)
+        self.exit(2, f"nodekd: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
+    from .data import DATASETS
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits, works offline)")
+    g.add_argument("--data-root", default="data", help="folder with the torchvision files of cifar10/svhn (default: data)")
+    g.add_argument("--download", action="store_true", help="download missing cifar10/svhn files through torchvision")
+    g.add_argument("--limit-test", type=int, help="evaluate on the first N test images only")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling, augmentation and attacks")
+    g.add_argument("--out", required=True, help="output file (checkpoint .pt, or .parquet for attack)")
+    g.add_argument("--force", action="store_true", help="replace --out if it exists")
+    if not training:
+        return
+    t = p.add_argument_group("training (defaults: the paper's recipe for the data set)")
+    t.add_argument("--limit-train", type=int, help="train on the first N training images only")
+    t.add_argument("--epochs", type=int, help="epochs (default: paper value; 30 on digits)")
+    t.add_argument("--batch-size", type=int, default=128, help="mini-batch size (paper: 128)")
+    t.add_argument("--lr", type=float, help="initial learning rate (paper: teachers 0.1, ResNet110 0.01; students 0.001)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
+    t.add_argument("--weight-decay", type=float, help="weight decay (default: teachers 1e-4, students 0; paper silent)")
+    t.add_argument("--optimizer", default="auto", help="auto (the paper's rule), sgd or adam")
+    t.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (default 4)")
+    t.add_argument("--flip", choices=("on", "off"), help="random horizontal flip (default: on for cifar10, off for svhn/digits)")
+    t.add_argument("--eval-batch-size", type=int, default=500, help="fixed evaluation batch size")
+    t.add_argument("--log-dir", help="write TensorBoard event files here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .attacks import ATTACKS
+    from .kd import LOGIT_MODES
+    from .models import RESNET_DEPTHS, SOLVERS, TIME_INPUTS
+
+    p = _Parser(prog="nodekd", description="Knowledge distillation from ResNets into Neural ODEs, and attacks on them.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train-teacher", help="train a CIFAR ResNet teacher", description="Train a CIFAR ResNet teacher.")
+    t.add_argument("--model", default="resnet20", help=f"one of {', '.join(RESNET_DEPTHS)}")
+    _common(t)
+
+    s = sub.add_parser("train-student", help="train a Neural ODE student, with or without KD",
+                       description="Train a Neural ODE student (Algorithm 1 with --teacher, plain CE with --no-kd).")
+    s.add_argument("--teacher", help="teacher checkpoint from train-teacher (needed unless --no-kd)")
+    s.add_argument("--no-kd", action="store_true", help="train without distillation (the NODE baseline)")
+    s.add_argument("--T", type=float, default=10.0, help="KD temperature, > 0 (paper grid: 3, 10, 20)")
+    s.add_argument("--lam", type=float, default=0.9, help="weight of the KD term, in [0, 1] (paper: 0.9)")
+    s.add_argument("--logits-mode", default="paper", help=f"teacher logits: {', '.join(LOGIT_MODES)} (paper: once, on clean images)")
+    n = s.add_argument_group("Neural ODE")
+    n.add_argument("--t1", type=float, default=1.0, help="horizon [0, t1], > 0 (paper: 1, 100, 500)")
+    n.add_argument("--width", type=int, default=512, help="channels of the ODE function (paper: 512)")
+    n.add_argument("--layers", type=int, default=4, help="3x3 conv layers in the ODE function (paper: 4)")
+    n.add_argument("--stem-channels", type=int, default=64, help="channels of the first stem conv")
+    n.add_argument("--solver", default="dopri5", help=f"torchdiffeq method: {', '.join(SOLVERS)}")
+    n.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    n.add_argument("--atol", type=float, default=1e-3, help="absolute tolerance (default 1e-3)")
+    n.add_argument("--max-num-steps", type=int, default=10_000, help="step limit per solve (adaptive solvers)")
+    n.add_argument("--step-size", type=float, default=0.0, help="step of fixed-step solvers (0: t1/10)")
+    n.add_argument("--adjoint", action="store_true", help="backpropagate with odeint_adjoint")
+    n.add_argument("--time-input", default="scaled", help=f"time channel of f: {', '.join(TIME_INPUTS)}")
+    _common(s)
+
+    a = sub.add_parser("attack", help="attack one model on one data set over a list of eps",
+                       description="White-box L-inf attack sweep; writes one Parquet row per (image, eps).")
+    a.add_argument("--checkpoint", required=True, help="model checkpoint (teacher or student)")
+    a.add_argument("--attack", default="pgd", help=f"one of {', '.join(ATTACKS)}")
+    a.add_argument("--eps", default="0,2/255,4/255,8/255,12/255,16/255,20/255",
+                   help="comma-separated eps in [0, 1] pixel units; fractions like 8/255 allowed")
+    a.add_argument("--steps", type=int, help="attack steps (default: floor(min(255 eps + 4, 1.25 * 255 eps)))")
+    a.add_argument("--batch-size", type=int, default=256, help="fixed attack batch size")
+    a.add_argument("--attack-misclassified", action="store_true",
+                   help="also attack images the model gets wrong (default: they count as not robust)")
+    _common(a, training=False)
+    return p
+
+
+def _recipe_kwargs(args) -> dict:
+    kw = dict(dataset=args.dataset, data_root=args.data_root, download=args.download, epochs=args.epochs,
+              batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+              optimizer=args.optimizer, crop_padding=args.crop_padding, seed=args.seed, device=args.device,
+              eval_batch_size=args.eval_batch_size, limit_train=args.limit_train, limit_test=args.limit_test,
+              log_dir=args.log_dir)
+    if args.flip is not None:
+        kw["flip"] = args.flip == "on"
+    return kw
+
+
+def _check_out(args) -> None:
+    if os.path.exists(args.out) and not args.force:
+        raise ConfigError("out", f"{args.out} exists; pass --force to replace it")
+    if os.path.isdir(args.out):
+        raise ConfigError("out", f"{args.out} is a folder; give a file name")
+
+
+def _check_dataset_match(ckpt: dict, dataset: str, what: str) -> None:
+    trained_on = (ckpt.get("meta") or {}).get("config", {}).get("dataset")
+    if trained_on is not None and trained_on != dataset:
+        raise ConfigError(what, f"was trained on {trained_on!r}, not on --dataset {dataset!r}")
+
+
+def cmd_train_teacher(args) -> None:
+    from .train import TeacherConfig, save_trained, train_teacher
+
+    cfg = TeacherConfig(model=args.model, **_recipe_kwargs(args)).validate()
+    _check_out(args)
+    model, history, ckpt = train_teacher(cfg)
+    save_trained(args.out, model, ckpt)
+    print(f"teacher {cfg.model} on {cfg.dataset}: test accuracy {history[-1]['test_accuracy']:.4f} -> {args.out}")
+
+
+def cmd_train_student(args) -> None:
+    from .models import NODEConfig, load_checkpoint
+    from .train import StudentConfig, save_trained, train_student
+
+    node = NODEConfig(width=args.width, layers=args.layers, stem_channels=args.stem_channels, t1=args.t1,
+                      solver=args.solver, rtol=args.rtol, atol=args.atol, max_num_steps=args.max_num_steps,
+                      step_size=args.step_size, adjoint=args.adjoint, time_input=args.time_input)
+    cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,
+                        **_recipe_kwargs(args)).validate()
+    _check_out(args)
+    teacher = None
+    if cfg.kd:
+        if not args.teacher:
+            raise ConfigError("teacher", "KD needs --teacher CHECKPOINT (or pass --no-kd)")
+        from .models import RESNET_DEPTHS
+
+        teacher, tck = load_checkpoint(args.teacher, expect_arch=tuple(RESNET_DEPTHS))
+        _check_dataset_match(tck, cfg.dataset, "teacher")
+    model, history, ckpt = train_student(cfg, teacher=teacher)
+    save_trained(args.out, model, ckpt)
+    kind = f"KD (T={cfg.T:g}, lam={cfg.lam:g}, {cfg.logits_mode} logits)" if cfg.kd else "no KD"
+    print(f"NODE({cfg.node.t1:g}) {kind} on {cfg.dataset}: test accuracy {history[-1]['test_accuracy']:.4f} -> {args.out}")
+
+
+def cmd_attack(args) -> None:
+    import torch
+
+    from .attacks import ATTACKS, attack_sweep, parse_eps, steps_for_eps, sweep_table
+    from .data import load_dataset
+    from .errors import check_choice
+    from .models import load_checkpoint
+    from .results import atomic_write_table
+    from .train import RecipeConfig
+
+    check_choice("attack", args.attack, ATTACKS)
+    eps_list = parse_eps(args.eps)
+    if args.steps is not None and args.steps < 0:
+        raise ConfigError("steps", f"must be >= 0, got {args.steps}")
+    if args.batch_size < 1:
+        raise ConfigError("batch_size", f"must be >= 1, got {args.batch_size}")
+    rc = RecipeConfig(dataset=args.dataset, device=args.device, limit_test=args.limit_test).validate()
+    _check_out(args)
+    model, ckpt = load_checkpoint(args.checkpoint)
+    _check_dataset_match(ckpt, args.dataset, "checkpoint")
+    _, test = load_dataset(args.dataset, root=args.data_root, download=args.download)
+    test = test.take(args.limit_test)
+
+    def progress(k, total, eps, acc):
+        print(f"  eps {eps * 255:5.2f}/255  steps {args.steps if args.steps is not None else steps_for_eps(eps):3d}"
+              f"  robust accuracy {acc:.4f}   [{k}/{total}]", file=sys.stderr, flush=True)
+
+    torch.manual_seed(args.seed)
+    res = attack_sweep(model, test.images, test.labels, attack=args.attack, eps_list=eps_list,
+                       batch_size=args.batch_size, steps=args.steps, seed=args.seed, device=rc.torch_device(),
+                       attack_misclassified=args.attack_misclassified, progress=progress)
+    atomic_write_table(sweep_table(res, seed=args.seed), args.out)
+    print(f"{args.attack} on {ckpt['arch']} ({len(test)} {args.dataset} test images) -> {args.out}")
+    for eps, acc in res.robust_accuracy().items():
+        print(f"  eps {eps * 255:5.2f}/255  accuracy {acc:.4f}")
+
+
+COMMANDS = {"train-teacher": cmd_train_teacher, "train-student": cmd_train_student, "attack": cmd_attack}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"nodekd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nodekd: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""CIFAR ResNet teachers and the Neural ODE student. Every model takes pixels in [0, 1].
+
+ResNets follow He et al. 2016, section 4.2: three stages of 16/32/64 channels, 6n+2 layers,
+option-A (zero-padded identity) shortcuts. Parameter counts: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M.
+
+The student (paper, section 3.1: "a 4 layers convolutional neural network with 3x3 kernel
+size", 512 channels, dopri5 over [0, t1]). What the paper leaves open, chosen here after
+torchdiffeq's ODE-Net example (examples/odenet_mnist.py):
+  * stem: conv3x3(3->64) GN ReLU, conv4x4/2(64->128) GN ReLU, conv4x4/2(128->width): 32x32 -> 8x8;
+  * dynamics f(t, h): four [GroupNorm -> ReLU -> conv3x3(width (+1 time channel) -> width)],
+    then a final GroupNorm, as in torchdiffeq's ODEfunc;
+  * time input: by default the channel carries t / t1 ("scaled"), so its size stays in [0, 1]
+    for t1 = 100 or 500 (a raw t of 500 would dominate every conv); "raw" and "none" also offered;
+  * head: GroupNorm ReLU, global average pool, linear;
+  * GroupNorm with min(32, C) groups; He (Kaiming normal, fan_out, ReLU) init for every conv.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError, check_choice
+
+RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+ARCHS = tuple(RESNET_DEPTHS) + ("node",)
+ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_SOLVERS = ("euler", "midpoint", "rk4")
+SOLVERS = ADAPTIVE_SOLVERS + FIXED_SOLVERS
+TIME_INPUTS = ("scaled", "raw", "none")
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, inside the model so attacks work in [0, 1] pixel space."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def _he_init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
+                                    nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.pad = c_out - c_in  # option A: subsample by 2 and zero-pad the new channels
+        self.stride = stride
+
+    def shortcut(self, x):
+        if self.stride == 1 and self.pad == 0:
+            return x
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 10, mean=(0.5,) * 3, std=(0.25,) * 3, in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ConfigError("model", f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.normalize = Normalize(mean, std)
+        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        blocks, c_in = [], 16
+        for stage, c_out in enumerate((16, 32, 64)):
+            for i in range(n):
+                blocks.append(BasicBlock(c_in, c_out, 2 if (stage > 0 and i == 0) else 1))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+        _he_init(self)
+
+    def forward(self, x):  # x: (B, C, 32, 32) in [0, 1]
+        h = F.relu(self.bn(self.conv(self.normalize(x))))
+        h = self.blocks(h)  # (B, 64, 8, 8)
+        return self.fc(h.mean(dim=(2, 3)))  # (B, classes)
+
+
+# ----------------------------------------------------------------------------- Neural ODE
+
+
+def _gn(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, c), c)
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity whose backward counts one vector-Jacobian product through the ODE function."""
+
+    @staticmethod
+    def forward(ctx, x, counter):
+        ctx.counter = counter
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.counter.nfe_backward += 1
+        return grad, None
+
+
+class ODEFunc(nn.Module):
+    """f(t, h): four GN-ReLU-conv3x3 layers and a final GN. Counts its evaluations.
+
+    ``nfe`` counts forward evaluations (including those the adjoint method makes while
+    solving backwards); ``nfe_backward`` counts vector-Jacobian products through f, which is
+    the backward cost with either plain backpropagation or the adjoint method.
+    """
+
+    def __init__(self, width: int, layers: int = 4, time_input: str = "scaled", t1: float = 1.0):
+        super().__init__()
+        self.time_input, self.t1 = time_input, t1
+        extra = 0 if time_input == "none" else 1
+        self.norms = nn.ModuleList(_gn(width) for _ in range(layers))
+        self.convs = nn.ModuleList(nn.Conv2d(width + extra, width, 3, 1, 1) for _ in range(layers))
+        self.norm_out = _gn(width)
+        self.nfe = 0
+        self.nfe_backward = 0
+
+    def forward(self, t, h):  # h: (B, width, 8, 8)
+        self.nfe += 1
+        if self.time_input != "none":
+            tv = t / self.t1 if self.time_input == "scaled" else t
+            tt = tv.to(h.dtype).expand(h.shape[0], 1, h.shape[2], h.shape[3])
+        for norm, conv in zip(self.norms, self.convs):
+            h = F.relu(norm(h))
+            h = conv(h if self.time_input == "none" else torch.cat([h, tt], dim=1))
+        out = self.norm_out(h)
+        return _CountBackward.apply(out, self) if torch.is_grad_enabled() else out
+
+
+class ODESolveError(RuntimeError):
+    """The ODE solve failed: step-size underflow, the step limit, or a non-finite state."""
+
+
+@dataclass
+class NODEConfig:
+    width: int = 512              # channels of the ODE state and of every conv in f (paper: 512)
+    layers: int = 4               # conv layers in f (paper: 4, 3x3 kernels)
+    stem_channels: int = 64       # first stem conv's channels (torchdiffeq ODE-Net: 64)
+    t1: float = 1.0               # horizon [0, t1] (paper: 1 and 100; 500 in Table 3)
+    solver: str = "dopri5"        # torchdiffeq method (paper: dopri5)
+    rtol: float = 1e-3            # NODE papers use 1e-3; torchdiffeq's default 1e-7 is far tighter
+    atol: float = 1e-3
+    max_num_steps: int = 10_000   # accepted+rejected step limit per solve (adaptive solvers)
+    step_size: float = 0.0        # fixed-step solvers only; 0 means t1 / 10
+    adjoint: bool = False         # odeint_adjoint: O(1) memory in time, re-solves backwards
+    time_input: str = "scaled"    # "scaled" (t/t1 channel), "raw" (t channel) or "none"
+
+    def validate(self) -> "NODEConfig":
+        check_choice("solver", self.solver, SOLVERS)
+        check_choice("time_input", self.time_input, TIME_INPUTS)
+        for field in ("t1", "rtol", "atol"):
+            v = getattr(self, field)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ConfigError(field, f"must be a finite number > 0, got {v}")
+        for field in ("width", "layers", "stem_channels", "max_num_steps"):
+            if int(getattr(self, field)) < 1:
+                raise ConfigError(field, f"must be an integer >= 1, got {getattr(self, field)}")
+        if self.step_size < 0:
+            raise ConfigError("step_size", f"must be >= 0, got {self.step_size}")
+        return self
+
+
+class NeuralODE(nn.Module):
+    """stem -> ODE block over [0, t1] -> head. ``nfe_forward``/``nfe_backward`` are totals."""
+
+    def __init__(self, cfg: NODEConfig, num_classes: int = 10, mean=(0.5,) * 3, std=(0.25,) * 3, in_channels: int = 3):
+        super().__init__()
+        self.cfg = cfg.validate()
+        w, s = cfg.width, cfg.stem_channels
+        self.normalize = Normalize(mean, std)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, s, 3, 1, 1), _gn(s), nn.ReLU(inplace=True),
+            nn.Conv2d(s, 2 * s, 4, 2, 1), _gn(2 * s), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * s, w, 4, 2, 1),
+        )
+        self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1)
+        self.head_norm = _gn(w)
+        self.fc = nn.Linear(w, num_classes)
+        self.register_buffer("t_span", torch.tensor([0.0, float(cfg.t1)]), persistent=False)
+        _he_init(self)
+
+    @property
+    def nfe_forward(self) -> int:
+        return self.func.nfe
+
+    @property
+    def nfe_backward(self) -> int:
+        return self.func.nfe_backward
+
+    def integrate(self, h0):
+        from torchdiffeq import odeint, odeint_adjoint
+
+        cfg = self.cfg
+        if cfg.solver in FIXED_SOLVERS:
+            options = {"step_size": cfg.step_size or cfg.t1 / 10}
+        else:
+            options = {"max_num_steps": cfg.max_num_steps}
+        solve = odeint_adjoint if cfg.adjoint else odeint
+        kwargs = dict(adjoint_params=tuple(self.func.parameters())) if cfg.adjoint else {}
+        try:
+            h = solve(self.func, h0, self.t_span, rtol=cfg.rtol, atol=cfg.atol,
+                      method=cfg.solver, options=options, **kwargs)[-1]
+        except AssertionError as e:  # torchdiffeq signals underflow / step limit by assert
+            raise ODESolveError(f"{cfg.solver} failed over [0, {cfg.t1:g}]: {e}") from None
+        if not torch.isfinite(h).all():
+            raise ODESolveError(f"{cfg.solver} produced a non-finite state over [0, {cfg.t1:g}]")
+        return h
+
+    def forward(self, x):  # x: (B, C, 32, 32) in [0, 1]
+        h = self.stem(self.normalize(x))          # (B, width, 8, 8)
+        h = self.integrate(h)                     # (B, width, 8, 8)
+        h = F.relu(self.head_norm(h)).mean(dim=(2, 3))  # (B, width)
+        return self.fc(h)                         # (B, classes)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def build_model(arch: str, *, num_classes: int = 10, mean=(0.5,) * 3, std=(0.25,) * 3, node: dict | None = None) -> nn.Module:
+    """Name -> model. ``node`` holds NODEConfig fields for arch == "node"."""
+    check_choice("model", arch, ARCHS)
+    if arch == "node":
+        return NeuralODE(NODEConfig(**(node or {})), num_classes, mean, std)
+    return CifarResNet(RESNET_DEPTHS[arch], num_classes, mean, std)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def nfe_totals(model: nn.Module) -> tuple[int, int]:
+    """(forward, backward) function evaluations so far; (0, 0) for models without an ODE."""
+    return (getattr(model, "nfe_forward", 0), getattr(model, "nfe_backward", 0))
+
+
+def save_checkpoint(path: str, model: nn.Module, *, arch: str, num_classes: int, mean, std,
+                    node: dict | None = None, meta: dict | None = None) -> None:
+    """Writes a weights_only-loadable dict atomically (a temporary file, then rename)."""
+    from .results import atomic_torch_save
+
+    state = {
+        "format": "nodekd-checkpoint-v1",
+        "arch": arch,
+        "num_classes": int(num_classes),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "node": dict(node or {}),
+        "meta": dict(meta or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: str, *, expect_arch: str | tuple[str, ...] | None = None, map_location="cpu"):
+    """Returns (model in eval mode, checkpoint dict). Bad files and wrong architectures raise ConfigError."""
+    import os
+
+    if not os.path.isfile(path):
+        raise ConfigError("checkpoint", f"no such file: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ConfigError("checkpoint", f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "nodekd-checkpoint-v1":
+        raise ConfigError("checkpoint", f"{path} is not a nodekd checkpoint")
+    arch = ckpt["arch"]
+    if expect_arch is not None:
+        allowed = (expect_arch,) if isinstance(expect_arch, str) else tuple(expect_arch)
+        if arch not in allowed:
+            raise ConfigError("checkpoint", f"{path} holds a {arch!r} model; expected {' or '.join(allowed)}")
+    model = build_model(arch, num_classes=ckpt["num_classes"], mean=ckpt["mean"], std=ckpt["std"], node=ckpt["node"] or None)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ConfigError("checkpoint", f"{path}: weights do not fit a {arch!r} model: {str(e).splitlines()[0][:200]}") from None
+    return model.eval(), ckpt
+
+
+def node_config_dict(cfg: NODEConfig) -> dict:
+    return asdict(cfg)
