@@ -1,0 +1,143 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+import scipy.io as sio
+import torch
+
+from nodekd_ray import data as D
+from nodekd_ray.errors import ConfigError
+
+
+def write_cifar(root, n_per_batch=4, n_test=3, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, D.CIFAR_DIR)
+    os.makedirs(folder)
+    written = {}
+    for name, n in [(f, n_per_batch) for f in D.CIFAR_TRAIN] + [("test_batch", n_test)]:
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = rng.integers(0, 10, n).tolist()
+        with open(os.path.join(folder, name), "wb") as f:  # the format torchvision downloads
+            pickle.dump({"batch_label": name, "labels": y, "data": x, "filenames": [f"{i}.png" for i in range(n)]}, f)
+        written[name] = (x, y)
+    return written
+
+
+def write_svhn(root, n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, fname in D.SVHN_FILES.items():
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)  # 1..10, where 10 means the digit 0
+        sio.savemat(os.path.join(root, fname), {"X": x, "y": y})
+        out[split] = (x, y)
+    return out
+
+
+def test_cifar10_reads_the_real_pickle_format(tmp_path):
+    written = write_cifar(str(tmp_path))
+    train, test = D.load_dataset("cifar10", root=str(tmp_path))
+    assert train.images.dtype == torch.uint8 and train.images.shape == (20, 3, 32, 32)
+    assert test.images.shape == (3, 3, 32, 32) and train.labels.dtype == torch.int64
+    x, y = written["data_batch_2"]
+    np.testing.assert_array_equal(train.images[4:8].numpy(), x.reshape(4, 3, 32, 32))
+    assert train.labels[4:8].tolist() == y
+    # pixel (c=1, row=2, col=3) of image 0 sits at 1024 + 2*32 + 3 in the flat CIFAR row
+    assert int(test.images[0, 1, 2, 3]) == int(written["test_batch"][0][0, 1024 + 2 * 32 + 3])
+
+
+def test_svhn_reads_the_real_mat_format_and_maps_10_to_0(tmp_path):
+    written = write_svhn(str(tmp_path))
+    train, test = D.load_dataset("svhn", root=str(tmp_path))
+    x, y = written["train"]
+    assert train.images.shape == (5, 3, 32, 32)
+    np.testing.assert_array_equal(train.images[2].numpy(), x[:, :, :, 2].transpose(2, 0, 1))
+    expect = [0 if v == 10 else int(v) for v in y[:, 0]]
+    assert train.labels.tolist() == expect and 0 <= int(test.labels.min()) and int(test.labels.max()) <= 9
+
+
+def test_missing_files_without_download_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        D.load_dataset("cifar10", root=str(tmp_path))
+    assert e.value.field == "data" and "--download" in str(e.value)
+
+
+def test_corrupt_file_is_a_config_error(tmp_path):
+    write_svhn(str(tmp_path))
+    with open(tmp_path / "train_32x32.mat", "wb") as f:
+        f.write(b"not a mat file")
+    with pytest.raises(ConfigError, match="cannot read SVHN"):
+        D.load_dataset("svhn", root=str(tmp_path))
+
+
+def test_download_goes_through_torchvision_once(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    def fake_cifar(root, train=True, download=False):  # stands in for the network fetch
+        calls.append((root, train, download))
+        write_cifar(root)
+
+    monkeypatch.setattr(tvd, "CIFAR10", fake_cifar)
+    train, _ = D.load_dataset("cifar10", root=str(tmp_path), download=True)
+    assert len(train) == 20 and calls == [(str(tmp_path), True, True)]
+    D.load_dataset("cifar10", root=str(tmp_path), download=True)  # files there now: no second fetch
+    assert len(calls) == 1
+
+
+def test_digits_is_fixed_and_upsampled():
+    a_train, a_test = D.load_dataset("digits")
+    b_train, _ = D.load_dataset("digits", seed=5)
+    assert a_train.images.shape == (1438, 3, 32, 32) and len(a_test) == 359
+    assert torch.equal(a_train.labels, b_train.labels)
+    assert set(a_train.labels.tolist()) == set(range(10))
+    assert a_train.images.dtype == torch.uint8 and int(a_train.images.max()) > 200
+
+
+def numpy_view(img, view, p):
+    """Independent crop/flip of one (C, H, W) uint8 image from its view id."""
+    side = 2 * p + 1
+    flip, off = view % 2, view // 2
+    dy, dx = off // side, off % side
+    padded = np.pad(img, ((0, 0), (p, p), (p, p)))
+    out = padded[:, dy:dy + img.shape[1], dx:dx + img.shape[2]]
+    return out[:, :, ::-1] if flip else out
+
+
+def test_batches_match_an_independent_crop_and_flip(synthetic):
+    train, _ = synthetic
+    it = D.Batches(train, batch_size=50, crop_padding=4, flip=True, seed=3)
+    seen, views = [], []
+    for b in it:
+        assert b.x.dtype == torch.float32 and 0 <= float(b.x.min()) and float(b.x.max()) <= 1
+        for j in range(0, len(b.y), 7):
+            i, v = int(b.index[j]), int(b.view[j])
+            expect = numpy_view(train.images[i].numpy(), v, 4)
+            np.testing.assert_array_equal((b.x[j] * 255).round().to(torch.uint8).numpy(), expect)
+            assert int(b.y[j]) == int(train.labels[i])
+        seen += b.index.tolist()
+        views += b.view.tolist()
+    assert sorted(seen) == list(range(len(train)))  # each image once per epoch
+    assert any(v % 2 for v in views) and len(set(views)) > 50
+
+
+def test_batches_reproducible_per_seed_and_epoch(synthetic):
+    train, _ = synthetic
+    def epoch(seed, e):
+        it = D.Batches(train, batch_size=64, crop_padding=4, flip=True, seed=seed)
+        it.set_epoch(e)
+        return [(b.index, b.view, b.x) for b in it]
+    a, b, c, d = epoch(1, 0), epoch(1, 0), epoch(1, 1), epoch(2, 0)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[2], y[2]) for x, y in zip(a, b))
+    assert not torch.equal(a[0][0], c[0][0]) and not torch.equal(a[0][0], d[0][0])
+
+
+def test_no_augmentation_gives_identity_views(synthetic):
+    train, _ = synthetic
+    b = next(iter(D.Batches(train, batch_size=32, shuffle=False)))
+    assert torch.equal(b.x, train.images[:32].float() / 255)
+    assert set(b.view.tolist()) == {D.identity_view(0)}
+    b = next(iter(D.Batches(train, batch_size=32, crop_padding=4, flip=False, seed=0)))
+    assert all(int(v) % 2 == 0 for v in b.view) and D.num_views(4) == 162
