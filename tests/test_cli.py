@@ -1,0 +1,98 @@
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nodekd_ray.cli import main
+from nodekd_ray.models import build_model, save_checkpoint
+
+SMALL = ["--width", "16", "--stem-channels", "8"]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ck") / "teacher.pt")
+    torch.manual_seed(0)
+    save_checkpoint(path, build_model("resnet20"), arch="resnet20", num_classes=10, mean=[0.5] * 3, std=[0.25] * 3,
+                    meta={"config": {"dataset": "synthetic"}})
+    return path
+
+
+def bad_cases(tmp, teacher):
+    corrupt = os.path.join(tmp, "corrupt.pt")
+    with open(corrupt, "wb") as f:
+        f.write(b"\x00not a checkpoint")
+    return [
+        (["train-teacher", "--dataset", "mnist"], "dataset"),
+        (["train-teacher", "--dataset", "synthetic", "--model", "resnet18"], "model"),
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--solver", "rk45"], "solver"),
+        (["train-student", "--teacher", teacher, "--dataset", "synthetic", "--lam", "1.5"], "lam"),
+        (["train-student", "--teacher", teacher, "--dataset", "synthetic", "--T", "0"], "T"),
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--t1", "0"], "t1"),
+        (["train-student", "--dataset", "synthetic"], "teacher"),
+        (["train-student", "--teacher", corrupt, "--dataset", "synthetic"], "checkpoint"),
+        (["train-student", "--teacher", teacher, "--dataset", "digits"], "teacher"),  # trained on synthetic
+        (["attack", "--checkpoint", teacher, "--dataset", "synthetic", "--eps", "0,1.5"], "eps"),
+        (["attack", "--checkpoint", teacher, "--dataset", "synthetic", "--attack", "cw"], "attack"),
+        (["attack", "--checkpoint", os.path.join(tmp, "missing.pt"), "--dataset", "synthetic"], "checkpoint"),
+        (["train-teacher", "--dataset", "cifar10", "--data-root", os.path.join(tmp, "empty")], "data"),
+        (["train-teacher", "--dataset", "svhn", "--data-root", os.path.join(tmp, "empty")], "data"),
+    ]
+
+
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, teacher_ckpt, capsys):
+    for argv, field in bad_cases(str(tmp_path), teacher_ckpt):
+        out = str(tmp_path / "out.file")
+        rc = main(argv + ["--out", out] + SMALL * (argv[0] == "train-student"))
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, argv
+        assert len(err.splitlines()) == 1 and err.startswith(f"nodekd: error: {field}:"), (argv, err)
+        assert not os.path.exists(out), argv
+    assert sorted(os.listdir(tmp_path)) == ["corrupt.pt"]  # no temporary files left either
+
+
+def test_argparse_errors_are_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train-student", "--T", "hot", "--out", "x"])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_existing_output_is_not_replaced_without_force(tmp_path, teacher_ckpt, capsys):
+    out = tmp_path / "a.parquet"
+    out.write_text("keep me")
+    assert main(["attack", "--checkpoint", teacher_ckpt, "--dataset", "synthetic", "--out", str(out)]) == 2
+    assert out.read_text() == "keep me" and "--force" in capsys.readouterr().err
+
+
+def test_help_explains_every_option():
+    import argparse
+
+    from nodekd_ray.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd, parser in sub.choices.items():
+        for action in parser._actions:
+            assert action.help and len(action.help) > 8, (cmd, action.dest)
+        r = subprocess.run([sys.executable, "-m", "nodekd_ray.cli", cmd, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "--dataset" in r.stdout
+
+
+def test_console_script_end_to_end(tmp_path):
+    """train-teacher -> train-student (KD) -> attack, through the installed `nodekd` command."""
+    exe = os.path.join(os.path.dirname(sys.executable), "nodekd")
+    common = ["--dataset", "synthetic", "--limit-test", "32"]
+    t, s, a = (str(tmp_path / n) for n in ("t.pt", "s.pt", "a.parquet"))
+    run = lambda *args: subprocess.run([exe, *args], capture_output=True, text=True, timeout=600)  # noqa: E731
+    r = run("train-teacher", *common, "--epochs", "1", "--limit-train", "128", "--out", t)
+    assert r.returncode == 0, r.stderr
+    r = run("train-student", *common, "--teacher", t, "--epochs", "1", "--limit-train", "128", *SMALL,
+            "--logits-mode", "views", "--out", s)
+    assert r.returncode == 0, r.stderr
+    assert "nfe f/b" in r.stderr
+    r = run("attack", *common, "--checkpoint", s, "--attack", "mifgsm", "--eps", "0,2/255,4/255", "--out", a)
+    assert r.returncode == 0, r.stderr
+    table = pq.read_table(a).to_pandas()
+    assert len(table) == 3 * 32 and set(table.steps) == {0, 2, 5} and (table.nfe > 0).all()
