@@ -12,7 +12,7 @@ torchdiffeq's ODE-Net example (examples/odenet_mnist.py):
   * time input: by default the channel carries t / t1 ("scaled"), so its size stays in [0, 1]
     for t1 = 100 or 500 (a raw t of 500 would dominate every conv); "raw" and "none" also offered;
   * head: GroupNorm ReLU, global average pool, linear;
-  * GroupNorm with min(32, C) groups; He (Kaiming normal, fan_out, ReLU) init for every conv.
+  * GroupNorm in groups of 16 channels (32 groups at width 512); He (Kaiming normal, fan_out, ReLU) init for every conv.
 """
 from __future__ import annotations
 
@@ -107,7 +107,12 @@ class CifarResNet(nn.Module):
 
 
 def _gn(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, c), c)
+    """GroupNorm with groups of 16 channels, at most 32 groups: GN(32, 512) at the paper's width.
+
+    torchdiffeq's min(32, C) groups degenerates at small widths (C <= 32) into a per-channel
+    norm, after which global average pooling sees a constant: small students then barely learn.
+    """
+    return nn.GroupNorm(max(1, min(32, c // 16)), c)
 
 
 class _CountBackward(torch.autograd.Function):

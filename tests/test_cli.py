@@ -96,3 +96,20 @@ def test_console_script_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     table = pq.read_table(a).to_pandas()
     assert len(table) == 3 * 32 and set(table.steps) == {0, 2, 5} and (table.nfe > 0).all()
+
+
+def test_study_smoke_writes_its_table(tmp_path):
+    """The README's main job in --smoke-test form: trains, attacks, writes study.md/json; a rerun reuses checkpoints."""
+    import json
+
+    from nodekd_ray.study import main as study_main
+
+    out = str(tmp_path / "study")
+    assert study_main(["--smoke-test", "--out", out]) == 0
+    summary = json.load(open(os.path.join(out, "study.json")))
+    assert set(summary) >= {"teacher", "node", "node-kd"}
+    assert all(0 <= a <= 1 for k in ("teacher", "node", "node-kd") for a in summary[k]["clean"])
+    assert "| NODE(1) KD, T=10 |" in open(os.path.join(out, "study.md")).read()
+    before = os.path.getmtime(os.path.join(out, "node-kd-seed0.pt"))
+    assert study_main(["--smoke-test", "--out", out]) == 0
+    assert os.path.getmtime(os.path.join(out, "node-kd-seed0.pt")) == before

@@ -64,7 +64,7 @@ def test_student_reports_nfe_per_epoch(synthetic):
     cfg = StudentConfig(dataset="synthetic", kd=False, epochs=2, batch_size=32, node=NODEConfig(**TINY_NODE))
     _, history, _ = train_student(cfg, data=data, **quiet)
     for h in history:
-        assert h["nfe_forward"] >= 8 and h["nfe_backward"] == h["nfe_forward"] and h["nfe_test"] >= 8
+        assert h["nfe_forward"] >= 8 and 6 <= h["nfe_backward"] <= h["nfe_forward"] and h["nfe_test"] >= 8
     assert [h["lr"] for h in history] == pytest.approx([0.001, 0.0001])  # Adam (no KD), drop at 1/2
 
 
