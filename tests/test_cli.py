@@ -109,7 +109,7 @@ def test_study_smoke_writes_its_table(tmp_path):
     summary = json.load(open(os.path.join(out, "study.json")))
     assert set(summary) >= {"teacher", "node", "node-kd"}
     assert all(0 <= a <= 1 for k in ("teacher", "node", "node-kd") for a in summary[k]["clean"])
-    assert "| NODE(1) KD, T=10 |" in open(os.path.join(out, "study.md")).read()
+    assert "| NODE(1) KD, T=10, paper rule: SGD |" in open(os.path.join(out, "study.md")).read()
     before = os.path.getmtime(os.path.join(out, "node-kd-seed0.pt"))
     assert study_main(["--smoke-test", "--out", out]) == 0
     assert os.path.getmtime(os.path.join(out, "node-kd-seed0.pt")) == before
