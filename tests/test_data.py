@@ -141,3 +141,19 @@ def test_no_augmentation_gives_identity_views(synthetic):
     assert set(b.view.tolist()) == {D.identity_view(0)}
     b = next(iter(D.Batches(train, batch_size=32, crop_padding=4, flip=False, seed=0)))
     assert all(int(v) % 2 == 0 for v in b.view) and D.num_views(4) == 162
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_view_bank_matches_the_reference_gather_for_every_view(synthetic, flip):
+    imgs = synthetic[0].images[:6]
+    p = 2
+    bank = D.ViewBank(imgs, p, flip)
+    views = torch.arange(D.num_views(p)) if flip else torch.arange(0, D.num_views(p), 2)
+    idx = torch.arange(len(views)) % len(imgs)
+    got = bank.gather(idx, views)
+    assert torch.equal(got, D.crop_flip(D.pad_images(imgs, p), idx, views, p))
+    for j in (0, 7, len(views) - 1):
+        np.testing.assert_array_equal(got[j].numpy(), numpy_view(imgs[int(idx[j])].numpy(), int(views[j]), p))
+    if not flip:
+        with pytest.raises(ValueError, match="flip"):
+            bank.gather(idx[:1], torch.tensor([1]))
