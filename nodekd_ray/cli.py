@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--attack-misclassified", action="store_true",
                    help="also attack images the model gets wrong (default: they count as not robust)")
     _common(a, training=False)
+
+    r = sub.add_parser("report", help="write Tables 1-3 and Figure 1 from a sweep's results",
+                       description="Tables 1-3 (Markdown, with the paper's numbers beside ours) and Figure 1 "
+                                   "(PNG) from a sweep's trial records and Parquet files alone; written to "
+                                   "RESULTS_DIR/report.")
+    r.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep's --storage folder")
+
+    d = sub.add_parser("download", help="fetch cifar10/svhn into a data root once (file-locked)",
+                       description="Download CIFAR10 and/or SVHN through torchvision into --data-root, once: "
+                                   "a file lock makes concurrent calls (several nodes on shared storage) wait "
+                                   "for the first; files already there are checked, not fetched again.")
+    d.add_argument("datasets", nargs="+", metavar="NAME", help="cifar10 and/or svhn")
+    d.add_argument("--data-root", default="data", help="folder for the torchvision files")
     return p
 
 
@@ -187,7 +200,25 @@ def cmd_attack(args) -> None:
         print(f"  eps {eps * 255:5.2f}/255  accuracy {acc:.4f}")
 
 
-COMMANDS = {"train-teacher": cmd_train_teacher, "train-student": cmd_train_student, "attack": cmd_attack}
+def cmd_download(args) -> None:
+    from .data import load_dataset
+
+    for name in args.datasets:
+        check_choice("dataset", name, ("cifar10", "svhn"))
+    for name in args.datasets:
+        train, test = load_dataset(name, root=args.data_root, download=True)
+        print(f"{name}: {len(train)} training and {len(test)} test images in {args.data_root}")
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    for name, path in write_report(args.results_dir).items():
+        print(f"{name}: {path}")
+
+
+COMMANDS = {"train-teacher": cmd_train_teacher, "train-student": cmd_train_student, "attack": cmd_attack,
+            "report": cmd_report, "download": cmd_download}
 
 
 def main(argv=None) -> int:

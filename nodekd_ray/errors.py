@@ -13,6 +13,9 @@ class ConfigError(ValueError):
         self.message = message
         super().__init__(f"{field}: {message}")
 
+    def __reduce__(self):  # picklable, so it crosses Ray task boundaries intact
+        return (ConfigError, (self.field, self.message))
+
 
 def check_choice(field: str, value, allowed) -> None:
     if value not in allowed:

@@ -14,6 +14,8 @@ sweep can share them (Ray's object store) without shipping the teacher.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -82,9 +84,12 @@ class TeacherLogits:
             want = 2 if mode == "paper" else 3
             if table.ndim != want:
                 raise ValueError(f"{mode} table must have {want} dimensions, got shape {table.shape}")
-            # torch.as_tensor shares memory with a read-only numpy array on the CPU (Ray's
-            # object store hands those out); copying once avoids torch's non-writable warning.
-            self.table = torch.tensor(np.asarray(table), device=device)
+            # Zero-copy on the CPU: Ray's object store hands out read-only numpy arrays, and
+            # torch.from_numpy shares their memory (the table is only ever read). On a GPU the
+            # table is copied to the device once.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                self.table = torch.from_numpy(np.asarray(table)).to(device)
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         if self.mode == "online":

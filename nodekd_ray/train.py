@@ -334,11 +334,16 @@ def teacher_logits_for(cfg: StudentConfig, train: ImageSet, *, teacher=None, tab
     return TeacherLogits(cfg.logits_mode, table=table, device=device)
 
 
-def train_student(cfg: StudentConfig, *, teacher=None, table=None, data=None, **fit_kw):
-    """A NODE student, with KD (teacher model or precomputed table) or without. Returns (model, history, ckpt)."""
+def train_student(cfg: StudentConfig, *, teacher=None, table=None, data=None, soft_out: dict | None = None, **fit_kw):
+    """A NODE student, with KD (teacher model or precomputed table) or without. Returns (model, history, ckpt).
+
+    soft_out: a dict that receives the soft-target source as "soft" (to read its teacher_forwards).
+    """
     cfg.validate()
     train, test = data if data is not None else _load(cfg)
     soft = teacher_logits_for(cfg, train, teacher=teacher, table=table)
+    if soft_out is not None:
+        soft_out["soft"] = soft
     _seed(cfg.seed)
     mean, std = channel_stats(train.images)
     node = asdict(cfg.node)

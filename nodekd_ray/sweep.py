@@ -1,0 +1,575 @@
+"""The paper's grid as jobs: sweep specs, validation, job keys, the storage layout, and the
+work each job does. Plain PyTorch and pyarrow; ``orchestration`` runs these jobs as Ray Tune
+trials and Ray tasks, and ``report`` reads what they write.
+
+Storage layout (one folder per experiment; every file written atomically):
+
+    settings.json                        scale settings shared by every sweep using this folder
+    models/{key}.pt                      finished models (models.save_checkpoint format)
+    records/{key}.json                   trial records: status, attempts, config, history, error
+    logits/{teacher}-{mode}.npy|.json    teacher logit tables and how they were made
+    results/attacks/dataset=D/attack=A/{model}-eps{a}-{b}.parquet   attack results (ATTACK_SCHEMA)
+    tensorboard/{key}/                   per-trial event files (scalars + hparams)
+    tune/                                Ray Tune's experiment folders (trial checkpoints)
+    report/                              tables and figure (nodekd report)
+
+Keys name a job by what it is, so sweeps that share a storage folder share work: a teacher
+trained for Table 1 is reused by Table 2, and a rerun skips every job whose output exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from .attacks import ATTACKS, attack_sweep
+from .data import DATASETS, ImageSet
+from .errors import ConfigError, check_choice, check_range
+from .kd import LOGIT_MODES, compute_logit_table, validate_kd
+from .models import RESNET_DEPTHS, NODEConfig, ODESolveError, load_checkpoint
+from .results import _atomic, atomic_write_json, atomic_write_table
+from .train import StudentConfig, TeacherConfig, save_trained, train_student, train_teacher
+
+TEACHERS = tuple(RESNET_DEPTHS)            # resnet20 ... resnet110
+EPS_255_PAPER = tuple(range(21))           # 0, 1, ..., 20 (/255), paper section 4.3.1
+SWEEP_ATTACKS = ("pgd", "mifgsm")
+
+# --smoke-test: tiny models, few epochs, small subsets; minutes on a laptop CPU.
+SMOKE = {
+    "teacher": {"epochs": 2, "batch_size": 64, "limit_train": 1024, "limit_test": 256},
+    "student": {"epochs": 2, "batch_size": 64, "limit_train": 1024, "limit_test": 256,
+                "width": 16, "stem_channels": 8},
+    "attack_images": 64,
+    "eps_255": (0, 4, 8, 12, 16, 20),
+}
+
+
+@dataclass
+class SweepSpec:
+    """One sweep: which teachers and students to train and which models to attack."""
+    name: str                                  # e.g. "table2"; names the Tune experiments
+    datasets: tuple = ("cifar10", "svhn")
+    teachers: tuple = ()                       # teachers trained (and reported) as baselines
+    kd_teachers: tuple = ()                    # teachers distilled into students (trained too)
+    temperatures: tuple = (3.0, 10.0, 20.0)    # paper grid
+    kd_horizons: tuple = (1.0, 100.0)          # t1 of KD students (paper: 1 and 100)
+    baseline_horizons: tuple = ()              # t1 of NODE students trained without KD
+    lam: float = 0.9                           # paper: 0.9
+    logits_mode: str = "paper"                 # kd.LOGIT_MODES
+    seeds: tuple = (0,)
+    attacks: tuple = ()                        # "pgd", "mifgsm"; empty: clean accuracy only
+    eps_255: tuple = EPS_255_PAPER             # attack strengths, in 1/255 units
+    attack_teachers: bool = True               # attack the teachers too (Figure 1's ResNet curve)
+
+    def validate(self) -> "SweepSpec":
+        if not self.datasets:
+            raise ConfigError("dataset", "at least one data set is needed")
+        for d in self.datasets:
+            check_choice("dataset", d, DATASETS)
+        for t in tuple(self.teachers) + tuple(self.kd_teachers):
+            check_choice("teacher", t, TEACHERS)
+        for T in self.temperatures:
+            validate_kd(T, self.lam)
+        validate_kd(10.0, self.lam)
+        for t1 in tuple(self.kd_horizons) + tuple(self.baseline_horizons):
+            check_range("horizon", t1, 0, None, lo_open=True)
+        check_choice("logits_mode", self.logits_mode, LOGIT_MODES)
+        for a in self.attacks:
+            check_choice("attack", a, ATTACKS)
+        for e in self.eps_255:
+            check_range("eps", e, 0, 255)
+        if self.kd_teachers and not (self.temperatures and self.kd_horizons):
+            raise ConfigError("temperature", "KD students need at least one temperature and one horizon")
+        return self
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def _num(x: float) -> str:
+    return f"{float(x):g}"
+
+
+@dataclass(frozen=True)
+class TeacherJob:
+    dataset: str
+    arch: str
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"teacher-{self.dataset}-{self.arch}-s{self.seed}"
+
+    kind = "teacher"
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    dataset: str
+    t1: float
+    seed: int = 0
+    teacher: str | None = None      # None: trained without KD
+    T: float | None = None
+    lam: float | None = None
+    logits_mode: str | None = None
+
+    @property
+    def kd(self) -> bool:
+        return self.teacher is not None
+
+    @property
+    def kind(self) -> str:
+        return "node_kd" if self.kd else "node"
+
+    @property
+    def key(self) -> str:
+        if not self.kd:
+            return f"node-{self.dataset}-t{_num(self.t1)}-s{self.seed}"
+        mode = "" if self.logits_mode == "paper" else f"-{self.logits_mode}"
+        return (f"kd-{self.dataset}-t{_num(self.t1)}-{self.teacher}-T{_num(self.T)}"
+                f"-lam{_num(self.lam)}{mode}-s{self.seed}")
+
+    @property
+    def teacher_job(self) -> TeacherJob | None:
+        return TeacherJob(self.dataset, self.teacher, self.seed) if self.kd else None
+
+
+@dataclass(frozen=True)
+class AttackJob:
+    model_key: str
+    dataset: str
+    attack: str
+    eps_255: tuple
+
+    @property
+    def key(self) -> str:
+        return f"{self.model_key}-eps{_num(self.eps_255[0])}-{_num(self.eps_255[-1])}"
+
+
+@dataclass
+class Plan:
+    teachers: list = field(default_factory=list)
+    students: list = field(default_factory=list)
+    attacks: list = field(default_factory=list)
+
+    def jobs(self) -> list:
+        return self.teachers + self.students
+
+
+def plan(specs, *, eps_per_task: int = 4) -> Plan:
+    """The union of the specs' jobs, each once, in a stable order."""
+    if eps_per_task < 1:
+        raise ConfigError("eps_per_task", f"must be >= 1, got {eps_per_task}")
+    p = Plan()
+    seen = set()
+
+    def add(lst, job):
+        if job.key not in seen:
+            seen.add(job.key)
+            lst.append(job)
+
+    for spec in specs:
+        spec.validate()
+        models = []
+        for ds in spec.datasets:
+            for seed in spec.seeds:
+                for arch in list(spec.teachers) + [t for t in spec.kd_teachers if t not in spec.teachers]:
+                    job = TeacherJob(ds, arch, seed)
+                    add(p.teachers, job)
+                    if spec.attack_teachers:
+                        models.append(job)
+                for t1 in spec.baseline_horizons:
+                    job = StudentJob(ds, float(t1), seed)
+                    add(p.students, job)
+                    models.append(job)
+                for arch in spec.kd_teachers:
+                    for T in spec.temperatures:
+                        for t1 in spec.kd_horizons:
+                            job = StudentJob(ds, float(t1), seed, arch, float(T), float(spec.lam), spec.logits_mode)
+                            add(p.students, job)
+                            models.append(job)
+        eps = sorted(set(float(e) for e in spec.eps_255))
+        for job in models:
+            for attack in spec.attacks:
+                for i in range(0, len(eps), eps_per_task):
+                    add(p.attacks, AttackJob(job.key, job.dataset, attack, tuple(eps[i:i + eps_per_task])))
+    return p
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    """Scale settings shared by every sweep that writes into one storage folder.
+
+    teacher / student: overrides of train.TeacherConfig / StudentConfig fields (and NODEConfig
+    fields for students), e.g. {"epochs": 2, "width": 16}; empty means the paper's recipe.
+    """
+    teacher: dict = field(default_factory=dict)
+    student: dict = field(default_factory=dict)
+    attack_images: int | None = 1000   # first N test images attacked (paper silent; None = all)
+    attack_batch_size: int = 250       # fixed attack batches (dopri5's step is per batch)
+    eps_per_task: int = 4              # eps values per attack task
+
+    def validate(self) -> "Settings":
+        teacher_config(TeacherJob("digits", "resnet20"), self).validate()
+        _student_config(StudentJob("digits", 1.0, 0, "resnet20", 10.0, 0.9, "paper"), self).validate()
+        if self.attack_images is not None and self.attack_images < 1:
+            raise ConfigError("attack_images", f"must be >= 1, got {self.attack_images}")
+        if self.attack_batch_size < 1:
+            raise ConfigError("attack_batch_size", f"must be >= 1, got {self.attack_batch_size}")
+        return self
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _student_config(job: StudentJob, settings: Settings, **extra) -> StudentConfig:
+    kw = dict(settings.student)
+    node_fields = set(NODEConfig.__dataclass_fields__)
+    node = NODEConfig(**{k: kw.pop(k) for k in list(kw) if k in node_fields}, t1=job.t1)
+    try:
+        return StudentConfig(dataset=job.dataset, seed=job.seed, node=node, kd=job.kd,
+                             T=job.T if job.kd else 10.0, lam=job.lam if job.kd else 0.9,
+                             logits_mode=job.logits_mode or "paper", **kw, **extra)
+    except TypeError as e:
+        raise ConfigError("student", f"unknown setting: {e}") from None
+
+
+def teacher_config(job: TeacherJob, settings: Settings, **extra) -> TeacherConfig:
+    try:
+        return TeacherConfig(dataset=job.dataset, model=job.arch, seed=job.seed, **settings.teacher, **extra)
+    except TypeError as e:
+        raise ConfigError("teacher", f"unknown setting: {e}") from None
+
+
+def student_config(job: StudentJob, settings: Settings, **extra) -> StudentConfig:
+    return _student_config(job, settings, **extra)
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+class Storage:
+    """Paths inside one experiment folder (local disk or a shared mount)."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.root, *parts)
+
+    def model(self, key):
+        return self.path("models", f"{key}.pt")
+
+    def record(self, key):
+        return self.path("records", f"{key}.json")
+
+    def logits(self, teacher_key, mode, ext="npy"):
+        return self.path("logits", f"{teacher_key}-{mode}.{ext}")
+
+    def attack_file(self, job: AttackJob):
+        return self.path("results", "attacks", f"dataset={job.dataset}", f"attack={job.attack}", f"{job.key}.parquet")
+
+    def tensorboard(self, key):
+        return self.path("tensorboard", key)
+
+    def read_record(self, key) -> dict | None:
+        try:
+            with open(self.record(key)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def write_record(self, key, rec: dict) -> None:
+        atomic_write_json(rec, self.record(key))
+
+    def done(self, job) -> bool:
+        rec = self.read_record(job.key)
+        return rec is not None and rec.get("status") == "done" and os.path.exists(self.model(job.key))
+
+    def records(self) -> list[dict]:
+        folder = self.path("records")
+        if not os.path.isdir(folder):
+            return []
+        out = []
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".json") and not name.startswith("."):
+                with open(os.path.join(folder, name)) as f:
+                    out.append(json.load(f))
+        return out
+
+    def check_settings(self, settings: Settings, *, create: bool) -> None:
+        """Refuses a storage folder made with other scale settings (their results would mix)."""
+        path = self.path("settings.json")
+        mine = settings.to_dict()
+        if os.path.exists(path):
+            with open(path) as f:
+                theirs = json.load(f)
+            if theirs != mine:
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise ConfigError("storage", f"{self.root} was made with other settings ({', '.join(diff)} differ); "
+                                             "use another --storage or the same options")
+        elif create:
+            atomic_write_json(mine, path)
+
+    def remove_stale_temporaries(self) -> int:
+        """Deletes temporary files left by killed writers (never under a final name)."""
+        n = 0
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    os.unlink(os.path.join(dirpath, name))
+                    n += 1
+        return n
+
+
+# ----------------------------------------------------------------------------- faults (tests)
+
+
+def fault(name: str, key: str, storage: Storage, **match) -> bool:
+    """True once for an injected fault named in $NODEKD_FAULTS (JSON: name -> {"key": substring, ...}).
+
+    For fault-tolerance tests only: each fault fires a single time per storage folder (a marker
+    file records it), so the retry that follows runs normally.
+    """
+    spec = json.loads(os.environ.get("NODEKD_FAULTS", "{}")).get(name)
+    if not spec or spec.get("key", "") not in key or any(spec.get(k, v) != v for k, v in match.items()):
+        return False
+    os.makedirs(storage.path("faults"), exist_ok=True)
+    try:
+        fd = os.open(storage.path("faults", f"{name}-{key}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- work
+
+
+def _limited(data: tuple[ImageSet, ImageSet], cfg) -> tuple[ImageSet, ImageSet]:
+    return data[0].take(cfg.limit_train), data[1].take(cfg.limit_test)
+
+
+def logit_table(teacher_job: TeacherJob, mode: str, settings: Settings, storage: Storage,
+                data: tuple[ImageSet, ImageSet], *, device="auto") -> np.ndarray:
+    """The teacher's logit table over the students' training set, computed once and cached.
+
+    Its .json sidecar says how many teacher forwards made it; a cached table costs none.
+    """
+    path = storage.logits(teacher_job.key, mode)
+    if os.path.exists(path):
+        return np.load(path)
+    probe = student_config(StudentJob(teacher_job.dataset, 1.0, teacher_job.seed, teacher_job.arch, 10.0, 0.9, mode),
+                           settings, device=device)
+    train, _ = _limited(data, probe)
+    teacher, _ = load_checkpoint(storage.model(teacher_job.key), expect_arch=teacher_job.arch)
+    pad, _ = probe.augment()
+    t0 = time.perf_counter()
+    table = compute_logit_table(teacher, train, mode=mode, crop_padding=pad, device=probe.torch_device())
+    seconds = time.perf_counter() - t0
+    _atomic(path, lambda tmp: np.save(open(tmp, "wb"), table))
+    views = table.shape[1] if table.ndim == 3 else 1
+    atomic_write_json({"teacher": teacher_job.key, "mode": mode, "shape": list(table.shape),
+                       "teacher_forward_images": len(train) * views, "seconds": seconds},
+                      storage.logits(teacher_job.key, mode, "json"))
+    return table
+
+
+def _base_record(job, cfg) -> dict:
+    d = {"key": job.key, "kind": job.kind, "dataset": job.dataset, "seed": job.seed,
+         "config": json.loads(json.dumps(cfg.to_dict(), default=str))}
+    if isinstance(job, TeacherJob):
+        d.update(model=job.arch)
+    else:
+        d.update(model="node", t1=job.t1, teacher=job.teacher, T=job.T, lam=job.lam, logits_mode=job.logits_mode)
+    return d
+
+
+def run_training(job, settings: Settings, storage: Storage, data, *, table=None, resume: dict | None = None,
+                 report=None, device="auto", log=None) -> dict:
+    """Trains one teacher or student job to completion; the body of a Tune trial.
+
+    resume: a state dict from a previous epoch (the trial's checkpoint). report(metrics, state)
+    is called after every epoch. The record in records/{key}.json tracks attempts, the epoch each
+    attempt started from, the history and, at the end, status "done" (with the model saved) or
+    "failed" with the reason. An ODE solve failure is deterministic: later attempts fail at once.
+    """
+    is_teacher = isinstance(job, TeacherJob)
+    cfg = (teacher_config if is_teacher else student_config)(job, settings, device=device,
+                                                            log_dir=storage.tensorboard(job.key))
+    rec = storage.read_record(job.key) or {}
+    if rec.get("status") == "failed" and rec.get("deterministic"):
+        raise ODESolveError(f"{job.key} failed before (not retried): {rec.get('error')}")
+    start = int(resume["epoch"]) if resume else 0
+    rec = {**_base_record(job, cfg), "status": "running", "attempts": rec.get("attempts", 0) + 1,
+           "started_from_epoch": rec.get("started_from_epoch", []) + [start], "history": rec.get("history", [])}
+    storage.write_record(job.key, rec)
+
+    def on_epoch(metrics, state):
+        if not is_teacher:
+            metrics = {**metrics, "teacher_forwards": soft_forwards(), "teacher_checkpoint_loads": teacher_loads}
+        rec["history"] = state["history"]
+        storage.write_record(job.key, rec)
+        if report is not None:
+            report(metrics, state)
+        if fault("raise_in_training", job.key, storage, epoch=metrics["epoch"]):
+            raise InjectedFault(f"injected failure in {job.key} after epoch {metrics['epoch']}")
+        if fault("ode_nan", job.key, storage, epoch=metrics["epoch"]):
+            for t in state["model"].values():   # shares storage with the live model
+                if t.is_floating_point():
+                    t.fill_(float("nan"))
+
+    fit_kw = dict(resume=resume, on_epoch=on_epoch, progress=False, log=log)
+    teacher_loads = 0
+    holder = {}
+
+    def soft_forwards():
+        return holder["soft"].teacher_forwards if holder.get("soft") is not None else 0
+
+    try:
+        train, test = _limited(data, cfg)
+        if is_teacher:
+            model, history, ckpt = train_teacher(cfg, data=(train, test), **fit_kw)
+        else:
+            teacher = None
+            if job.kd and job.logits_mode == "online":
+                teacher, _ = load_checkpoint(storage.model(job.teacher_job.key), expect_arch=job.teacher)
+                teacher_loads = 1
+            model, history, ckpt = train_student(cfg, teacher=teacher, table=table, data=(train, test),
+                                                 soft_out=holder, **fit_kw)
+    except ODESolveError as e:
+        storage.write_record(job.key, {**rec, "status": "failed", "deterministic": True, "error": f"ODESolveError: {e}"})
+        raise
+    except BaseException as e:
+        storage.write_record(job.key, {**rec, "status": "interrupted", "error": f"{type(e).__name__}: {e}"})
+        raise
+    final = dict(history[-1])
+    if not is_teacher:
+        final.update(teacher_forwards=ckpt["meta"]["teacher_forwards"], teacher_checkpoint_loads=teacher_loads)
+    save_trained(storage.model(job.key), model, ckpt)
+    _hparams(storage.tensorboard(job.key), rec, final)
+    storage.write_record(job.key, {**rec, "status": "done", "history": history, "final": final,
+                                   "test_accuracy": final["test_accuracy"], "error": None})
+    return final
+
+
+def _hparams(log_dir: str, rec: dict, final: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+          for k, v in rec.items() if k in ("kind", "dataset", "seed", "model", "t1", "teacher", "T", "lam", "logits_mode")}
+    with SummaryWriter(log_dir) as w:
+        w.add_hparams(hp, {f"hparam/{k}": float(final[k]) for k in ("test_accuracy", "nfe_forward", "loss")},
+                      run_name="hparams")
+
+
+# ----------------------------------------------------------------------------- attacks
+
+_FILE_FIELDS = [
+    pa.field("model_key", pa.string()),
+    pa.field("kind", pa.string()),             # teacher, node, node_kd
+    pa.field("model", pa.string()),            # resnet20 ... resnet110, node
+    pa.field("teacher", pa.string()),          # KD students: the teacher ResNet
+    pa.field("T", pa.float64()),
+    pa.field("lam", pa.float64()),
+    pa.field("t1", pa.float64()),              # NODE horizon
+    pa.field("logits_mode", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("eps", pa.float64()),             # pixel units, [0, 1]
+    pa.field("eps_255", pa.float64()),
+    pa.field("steps", pa.int32()),
+    pa.field("n_images", pa.int64()),
+    pa.field("n_clean_correct", pa.int64()),
+    pa.field("n_adv_correct", pa.int64()),
+    pa.field("clean_accuracy", pa.float64()),
+    pa.field("robust_accuracy", pa.float64()),
+    pa.field("nfe_per_image", pa.float64()),   # ODE evaluations (forward + backward) per image, 0 for ResNets
+    pa.field("seconds", pa.float64()),         # wall time of this eps
+    pa.field("task_seconds", pa.float64()),    # wall time of the whole task (model load, clean pass, all eps)
+    pa.field("chunk", pa.string()),
+]
+# What each Parquet file holds; dataset and attack are the hive partition folders.
+ATTACK_FILE_SCHEMA = pa.schema(_FILE_FIELDS)
+ATTACK_SCHEMA = pa.schema(_FILE_FIELDS + [pa.field("dataset", pa.string()), pa.field("attack", pa.string())])
+
+
+def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: ImageSet, *, device="auto",
+               seed: int = 0) -> str:
+    """Attacks one model at a chunk of eps values and writes one Parquet file atomically."""
+    import torch
+
+    t0 = time.perf_counter()
+    out = storage.attack_file(job)
+    rec = storage.read_record(job.model_key) or {}
+    model, _ = load_checkpoint(storage.model(job.model_key))
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    test = test.take(settings.attack_images)
+    res = attack_sweep(model, test.images, test.labels, attack=job.attack, eps_list=[e / 255 for e in job.eps_255],
+                       batch_size=settings.attack_batch_size, seed=seed + int(job.eps_255[0] * 1000), device=dev)
+    task_seconds = time.perf_counter() - t0
+    rows = []
+    for e255 in job.eps_255:
+        m = np.isclose(res.eps, e255 / 255)
+        n = int(m.sum())
+        rows.append({
+            "model_key": job.model_key, "kind": rec.get("kind"), "model": rec.get("model"),
+            "teacher": rec.get("teacher"), "T": rec.get("T"), "lam": rec.get("lam"), "t1": rec.get("t1"),
+            "logits_mode": rec.get("logits_mode"), "seed": int(rec.get("seed", 0)),
+            "eps": e255 / 255, "eps_255": float(e255), "steps": int(res.steps[m][0]), "n_images": n,
+            "n_clean_correct": int(res.clean_correct[m].sum()), "n_adv_correct": int(res.adv_correct[m].sum()),
+            "clean_accuracy": float(res.clean_correct[m].mean()), "robust_accuracy": float(res.adv_correct[m].mean()),
+            "nfe_per_image": float(res.nfe[m].mean()), "seconds": float(res.seconds[e255 / 255]),
+            "task_seconds": task_seconds, "chunk": job.key,
+        })
+    table = pa.Table.from_pylist(rows, schema=ATTACK_FILE_SCHEMA)
+    if fault("kill_attack_write", job.key, storage):
+        _die_mid_write(table, out)
+    atomic_write_table(table, out)
+    return out
+
+
+def _die_mid_write(table: pa.Table, out: str) -> None:
+    """Fault injection: the process dies with half a file written under a temporary name."""
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".killed.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "r+b") as f:
+        f.truncate(os.path.getsize(tmp) // 2)
+    os._exit(17)
+
+
+def read_attacks(storage: Storage):
+    """All attack results as one pyarrow Table with ATTACK_SCHEMA (empty when there are none)."""
+    import pyarrow.dataset as ds
+
+    root = storage.path("results", "attacks")
+    if not os.path.isdir(root):
+        return ATTACK_SCHEMA.empty_table()
+    return ds.dataset(root, format="parquet", partitioning="hive", schema=ATTACK_SCHEMA).to_table()
+
+
+# ----------------------------------------------------------------------------- the paper's sweeps
+
+# Figure 1's KD students: the paper does not say which teacher and T it plots; ResNet44 at
+# T = 10 is its best CIFAR10 student (Table 2). --teachers / --temperatures change it.
+PRESETS = {
+    "table1": SweepSpec("table1", teachers=TEACHERS, baseline_horizons=(1.0, 100.0)),
+    "table2": SweepSpec("table2", kd_teachers=TEACHERS, temperatures=(3.0, 10.0, 20.0), kd_horizons=(1.0, 100.0)),
+    "table3": SweepSpec("table3", datasets=("cifar10",), baseline_horizons=(500.0,), attacks=("pgd",),
+                        eps_255=(0, 8, 12, 16, 20)),
+    "figure1": SweepSpec("figure1", kd_teachers=("resnet44",), temperatures=(10.0,), kd_horizons=(1.0, 100.0),
+                         baseline_horizons=(1.0, 100.0), attacks=SWEEP_ATTACKS),
+}

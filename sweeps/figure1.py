@@ -1,0 +1,13 @@
+"""Figure 1: accuracy vs eps (0..20/255) under PGD and MI-FGSM of the ResNet teacher, NODE(1),
+NODE(100) and their KD students (ResNet44, T = 10 unless --teachers / --temperatures).
+
+    python sweeps/figure1.py --dataset cifar10 svhn
+    python sweeps/figure1.py --dataset digits --smoke-test
+"""
+import sys
+
+from nodekd_ray.orchestration import main
+from nodekd_ray.sweep import PRESETS
+
+if __name__ == "__main__":
+    sys.exit(main([PRESETS["figure1"]], description=__doc__))

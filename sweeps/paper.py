@@ -1,0 +1,13 @@
+"""The whole paper in one run: Tables 1-3 and Figure 1 into one storage folder (teachers are
+trained once and shared by every table).
+
+    python sweeps/paper.py --dataset cifar10 svhn
+    python sweeps/paper.py --dataset digits --smoke-test --teachers resnet20 resnet32 --temperatures 3 10
+"""
+import sys
+
+from nodekd_ray.orchestration import main
+from nodekd_ray.sweep import PRESETS
+
+if __name__ == "__main__":
+    sys.exit(main(list(PRESETS.values()), description=__doc__))

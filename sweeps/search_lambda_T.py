@@ -1,0 +1,35 @@
+"""Search lambda and T for one teacher / data set / horizon: Optuna's TPE through Ray Tune's
+OptunaSearch, ASHA early stopping, and a persistent Optuna study (STORAGE/optuna.journal) that a
+rerun continues. Prints the best (lambda, T) and its test accuracy.
+
+    python sweeps/search_lambda_T.py --dataset cifar10 --teacher resnet44 --num-samples 40
+    python sweeps/search_lambda_T.py --dataset digits --smoke-test --num-samples 6
+"""
+import sys
+
+from nodekd_ray.errors import ConfigError
+from nodekd_ray.orchestration import Resources, run_search, settings_from_args, sweep_parser
+
+if __name__ == "__main__":
+    ap = sweep_parser(__doc__, default_datasets=("cifar10",))
+    ap.add_argument("--teacher", default="resnet44", help="the teacher ResNet")
+    ap.add_argument("--t1", type=float, default=1.0, help="the student's horizon")
+    ap.add_argument("--num-samples", type=int, default=40, help="(lam, T) trials in the study, earlier runs included")
+    ap.add_argument("--lam-range", nargs=2, type=float, default=(0.0, 1.0))
+    ap.add_argument("--T-range", nargs=2, type=float, default=(1.0, 30.0))
+    args = ap.parse_args()
+    try:
+        if len(args.dataset) != 1:
+            raise ConfigError("dataset", "the search takes one data set")
+        best = run_search(dataset=args.dataset[0], teacher=args.teacher, t1=args.t1, logits_mode=args.logits_mode,
+                          num_samples=args.num_samples, settings=settings_from_args(args).validate(),
+                          storage_root=args.storage or ("runs/nodekd-smoke" if args.smoke_test else "runs/nodekd"),
+                          resources=Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_failures,
+                                              max_concurrent=args.max_concurrent).validate(),
+                          lam_range=tuple(args.lam_range), T_range=tuple(args.T_range),
+                          address=args.address, num_cpus=args.num_cpus)
+    except ConfigError as e:
+        print(f"search_lambda_T.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"best: lam = {best['best_lam']:.3f}, T = {best['best_T']:.2f}, test accuracy "
+          f"{100 * best['best_test_accuracy']:.2f}% over {best['trials']} trials (study {best['journal']})")

@@ -1,0 +1,12 @@
+"""Table 1: the five ResNet teachers and NODE(1), NODE(100) without KD, clean accuracy.
+
+    python sweeps/table1.py --dataset cifar10 svhn            # the paper's scale (GPU cluster)
+    python sweeps/table1.py --dataset digits --smoke-test     # minutes on a laptop
+"""
+import sys
+
+from nodekd_ray.orchestration import main
+from nodekd_ray.sweep import PRESETS
+
+if __name__ == "__main__":
+    sys.exit(main([PRESETS["table1"]], description=__doc__))
