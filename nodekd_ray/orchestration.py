@@ -175,6 +175,9 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
     stale = storage.remove_stale_temporaries()
     if stale:
         log(f"removed {stale} partial file(s) left by killed writers")
+    # Keeping one checkpoint per trial (num_to_keep=1; a NODE at width 512 with Adam state is
+    # ~110 MB) makes Tune snapshot its experiment state often, and warn about it every time.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     connect(address, num_cpus)
     gpus = resources.gpus_per_trial
     if gpus is None:
@@ -326,7 +329,8 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn")) -> argp
     ap.add_argument("--dataset", nargs="+", default=list(default_datasets), metavar="NAME",
                     help=f"data sets, from {', '.join(DATASETS)}")
     ap.add_argument("--smoke-test", action="store_true",
-                    help="tiny models, 2 epochs, 1024 training and 64 attacked images, eps 0,4,..,20/255")
+                    help="tiny models (NODE width 16), 5 teacher / 3 student epochs, 1024 training and 64 "
+                         "attacked images, eps 0,4,..,20/255")
     ap.add_argument("--storage", default=os.environ.get("NODEKD_STORAGE"),
                     help="experiment folder (a shared path on a multi-node cluster); default $NODEKD_STORAGE, "
                          "else runs/nodekd, or runs/nodekd-smoke with --smoke-test")
@@ -335,6 +339,8 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn")) -> argp
     ap.add_argument("--teachers", nargs="+", default=None, metavar="ARCH", help="override the sweep's teachers")
     ap.add_argument("--temperatures", nargs="+", type=float, default=None, metavar="T", help="override T")
     ap.add_argument("--horizons", nargs="+", type=float, default=None, metavar="T1", help="override the KD horizons")
+    ap.add_argument("--baseline-horizons", nargs="+", type=float, default=None, metavar="T1",
+                    help="override the horizons of the no-KD NODE baselines")
     ap.add_argument("--lam", type=float, default=0.9, help="KD weight lambda (paper 0.9)")
     ap.add_argument("--logits-mode", default="paper", help="paper, views or online (see nodekd_ray.kd)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs for teachers and students (default: paper)")
@@ -347,6 +353,7 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn")) -> argp
     ap.add_argument("--gpus-per-trial", type=float, default=None,
                     help="may be fractional; default 1 when the cluster has GPUs, else 0")
     ap.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint")
+    ap.add_argument("--attack-retries", type=int, default=2, help="retries of an attack task whose worker died")
     ap.add_argument("--max-concurrent", type=int, default=0, help="cap on trials at once (0: no cap)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: join a running one, else local)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
@@ -381,6 +388,8 @@ def apply_args(spec: SweepSpec, args) -> SweepSpec:
         kw["temperatures"] = tuple(args.temperatures)
     if args.horizons is not None:
         kw["kd_horizons"] = tuple(args.horizons)
+    if args.baseline_horizons is not None and spec.baseline_horizons:
+        kw["baseline_horizons"] = tuple(args.baseline_horizons)
     if args.smoke_test:
         kw["eps_255"] = tuple(e for e in SMOKE["eps_255"])
     return dataclasses.replace(spec, **kw)
@@ -397,7 +406,7 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
         specs = [apply_args(s, args).validate() for s in specs]
         settings = settings_from_args(args).validate()
         resources = Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_failures,
-                              max_concurrent=args.max_concurrent).validate()
+                              attack_retries=args.attack_retries, max_concurrent=args.max_concurrent).validate()
         storage = args.storage or ("runs/nodekd-smoke" if args.smoke_test else "runs/nodekd")
         summary = run_sweep(specs, settings, storage, resources=resources, resume=args.resume,
                             address=args.address, num_cpus=args.num_cpus)

@@ -8,7 +8,7 @@ Storage layout (one folder per experiment; every file written atomically):
     models/{key}.pt                      finished models (models.save_checkpoint format)
     records/{key}.json                   trial records: status, attempts, config, history, error
     logits/{teacher}-{mode}.npy|.json    teacher logit tables and how they were made
-    results/attacks/dataset=D/attack=A/{model}-eps{a}-{b}.parquet   attack results (ATTACK_SCHEMA)
+    results/attacks/dataset=D/attack=A/{model}-{attack}-eps{a}-{b}.parquet   attack results (ATTACK_SCHEMA)
     tensorboard/{key}/                   per-trial event files (scalars + hparams)
     tune/                                Ray Tune's experiment folders (trial checkpoints)
     report/                              tables and figure (nodekd report)
@@ -40,8 +40,8 @@ SWEEP_ATTACKS = ("pgd", "mifgsm")
 
 # --smoke-test: tiny models, few epochs, small subsets; minutes on a laptop CPU.
 SMOKE = {
-    "teacher": {"epochs": 2, "batch_size": 64, "limit_train": 1024, "limit_test": 256},
-    "student": {"epochs": 2, "batch_size": 64, "limit_train": 1024, "limit_test": 256,
+    "teacher": {"epochs": 5, "batch_size": 64, "limit_train": 1024, "limit_test": 256},
+    "student": {"epochs": 3, "batch_size": 64, "limit_train": 1024, "limit_test": 256,
                 "width": 16, "stem_channels": 8},
     "attack_images": 64,
     "eps_255": (0, 4, 8, 12, 16, 20),
@@ -147,7 +147,7 @@ class AttackJob:
 
     @property
     def key(self) -> str:
-        return f"{self.model_key}-eps{_num(self.eps_255[0])}-{_num(self.eps_255[-1])}"
+        return f"{self.model_key}-{self.attack}-eps{_num(self.eps_255[0])}-{_num(self.eps_255[-1])}"
 
 
 @dataclass
