@@ -141,6 +141,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     env = {k: os.environ[k] for k in ("NODEKD_FAULTS",) if k in os.environ}
     kw = {"runtime_env": {"env_vars": env}} if env else {}
+    if address == "local":  # always a fresh local instance, even where a cluster runs
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kw)
+        return
     if address:
         ray.init(address=address, **kw)
         return
@@ -355,7 +358,7 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn")) -> argp
     ap.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint")
     ap.add_argument("--attack-retries", type=int, default=2, help="retries of an attack task whose worker died")
     ap.add_argument("--max-concurrent", type=int, default=0, help="cap on trials at once (0: no cap)")
-    ap.add_argument("--address", default=None, help="Ray cluster address (default: join a running one, else local)")
+    ap.add_argument("--address", default=None, help="Ray cluster address; 'local' starts a fresh local instance (default: join a running cluster, else local)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
     return ap
 

@@ -1,0 +1,148 @@
+"""The Ray layer end to end on a local Ray instance: a tiny grid, injected faults, an interrupted
+and resumed driver, bad grids. Each sweep runs as a user would run it: a sweep script in a
+subprocess (its own local Ray instance, exit code, stdout)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nodekd_ray import sweep as S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "digits", "--smoke-test", "--teachers", "resnet20", "--horizons", "1",
+        "--baseline-horizons", "1", "--epochs", "2", "--attack-images", "32", "--address", "local",
+        "--num-cpus", "2"]
+
+
+def sweep(script, storage, *extra, faults=None, wait=True):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("NODEKD_FAULTS", None)
+    if faults:
+        env["NODEKD_FAULTS"] = json.dumps(faults)
+    cmd = [sys.executable, os.path.join(ROOT, "sweeps", script), *TINY, "--storage", str(storage), *extra]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def rows(storage):
+    return S.read_attacks(S.Storage(str(storage))).to_pylist()
+
+
+def attack_files(storage):
+    out = {}
+    for dirpath, _, files in os.walk(os.path.join(storage, "results")):
+        for f in files:
+            out[os.path.join(dirpath, f)] = os.path.getmtime(os.path.join(dirpath, f))
+    return out
+
+
+def test_tiny_grid_end_to_end_with_faults(tmp_path):
+    """figure1 on digits: teacher, NODE(1), KD students at T=3 and T=10, PGD + MI-FGSM.
+
+    Injected: the T=3 student raises after epoch 1 (Tune retries it from its checkpoint); the
+    T=10 student's ODE state turns NaN after epoch 1 (a real ODESolveError: it fails with its
+    reason, the rest finishes); one attack task dies mid-write with no retries left (no partial
+    file; the --resume rerun writes only that file).
+    """
+    store = tmp_path / "store"
+    kd3 = "kd-digits-t1-resnet20-T3-lam0.9-s0"
+    kd10 = "kd-digits-t1-resnet20-T10-lam0.9-s0"
+    killed = "node-digits-t1-s0-pgd-eps0-12"
+    faults = {"raise_in_training": {"key": kd3, "epoch": 1}, "ode_nan": {"key": kd10, "epoch": 1},
+              "kill_attack_write": {"key": killed}}
+    r = sweep("figure1.py", store, "--temperatures", "3", "10", "--attack-retries", "0", faults=faults)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert f"FAILED trial {kd10}: ODESolveError" in out and f"FAILED attack {killed}" in out
+    st = S.Storage(str(store))
+
+    # the retried trial resumed from its epoch-1 checkpoint and finished
+    rec = st.read_record(kd3)
+    assert rec["status"] == "done" and rec["attempts"] == 2 and rec["started_from_epoch"] == [0, 1]
+    assert [h["epoch"] for h in rec["history"]] == [1, 2]
+    # the ODE failure is recorded with its reason
+    bad = st.read_record(kd10)
+    assert bad["status"] == "failed" and "ODESolveError" in bad["error"] and "dopri5 failed" in bad["error"]
+    # logits: one table for the one teacher; no student ran a teacher forward or loaded a teacher
+    assert sorted(os.listdir(store / "logits")) == ["teacher-digits-resnet20-s0-paper.json",
+                                                   "teacher-digits-resnet20-s0-paper.npy"]
+    for key in (kd3, "node-digits-t1-s0"):
+        final = st.read_record(key)["final"]
+        assert final["teacher_forwards"] == 0 and final["teacher_checkpoint_loads"] == 0
+    # the killed attack left no file under a final name, and everything else is there
+    files = attack_files(str(store))
+    assert not any(os.path.basename(p).startswith(killed) for p in files)
+    got = rows(store)
+    assert len(got) == 3 * 2 * 6 - 4  # 3 good models x 2 attacks x 6 eps, minus the killed chunk (eps 0, 4, 8, 12)
+    assert os.path.exists(store / "report" / "figure1.png") and os.path.exists(store / "report" / "table2.md")
+
+    # rerun: only the missing attack file is written; no trial is trained again
+    before = {p: m for p, m in attack_files(str(store)).items() if p.endswith(".parquet")}
+    attempts = {k: st.read_record(k)["attempts"] for k in (kd3, "node-digits-t1-s0", "teacher-digits-resnet20-s0")}
+    r2 = sweep("figure1.py", store, "--temperatures", "3", "10", "--resume")
+    assert r2.returncode == 1, (r2.stdout + r2.stderr)[-3000:]  # the NaN trial still fails, and says so
+    after = {p: m for p, m in attack_files(str(store)).items() if p.endswith(".parquet")}
+    new = set(after) - set(before)
+    assert len(new) == 1 and os.path.basename(new.pop()).startswith(killed)
+    assert all(after[p] == m for p, m in before.items())
+    assert {k: st.read_record(k)["attempts"] for k in attempts} == attempts
+    got = rows(store)
+    assert len(got) == 36
+    keys = [(r["model_key"], r["attack"], r["eps_255"]) for r in got]
+    assert len(set(keys)) == len(keys)  # no duplicate rows
+    for model in ("teacher-digits-resnet20-s0", "node-digits-t1-s0", kd3):
+        for attack in ("pgd", "mifgsm"):
+            eps = sorted(r["eps_255"] for r in got if r["model_key"] == model and r["attack"] == attack)
+            assert eps == [0, 4, 8, 12, 16, 20]
+    assert all(0 <= r["robust_accuracy"] <= r["clean_accuracy"] <= 1 and r["n_images"] == 32 for r in got)
+    assert not any(name.endswith(".tmp") for name in attack_files(str(store)))  # stale partial file removed
+
+
+def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path):
+    store = tmp_path / "store"
+    p = sweep("table2.py", store, "--temperatures", "3", "10", "20", "--max-concurrent", "1", wait=False)
+    st = S.Storage(str(store))
+    deadline = time.time() + 600
+    first = None
+    while time.time() < deadline and p.poll() is None:
+        done = [r["key"] for r in st.records() if r["kind"] == "node_kd" and r["status"] == "done"]
+        if done:
+            first = done
+            break
+        time.sleep(1)
+    assert first, "no student finished before the deadline"
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=300)
+    unfinished = [r for r in st.records() if r["kind"] == "node_kd" and r["status"] != "done"]
+    kd_done = [r["key"] for r in st.records() if r["kind"] == "node_kd" and r["status"] == "done"]
+    # without --resume the interrupted sweep is refused, with a one-line error and exit 2
+    if unfinished or len(kd_done) < 3:
+        r = sweep("table2.py", store, "--temperatures", "3", "10", "20")
+        assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = sweep("table2.py", store, "--temperatures", "3", "10", "20", "--resume")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    recs = {x["key"]: x for x in st.records()}
+    assert sorted(k for k, x in recs.items() if x["kind"] == "node_kd" and x["status"] == "done") == sorted(
+        f"kd-digits-t1-resnet20-T{T}-lam0.9-s0" for T in (3, 10, 20))
+    for key in kd_done:  # finished before the interrupt: not trained again
+        assert recs[key]["attempts"] == 1, recs[key]
+    assert recs["teacher-digits-resnet20-s0"]["attempts"] == 1
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--teachers", "resnet21"], "teacher"), (["--temperatures", "0"], "T"), (["--lam", "1.5"], "lam"),
+    (["--horizons", "-1"], "horizon"), (["--dataset", "mnist"], "dataset"),
+])
+def test_a_bad_grid_is_refused_before_any_trial(tmp_path, args, field):
+    store = tmp_path / "never"
+    cmd = [sys.executable, os.path.join(ROOT, "sweeps", "table2.py"), "--storage", str(store), *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"table2.py: error: {field}:"), r.stderr
+    assert not store.exists()
