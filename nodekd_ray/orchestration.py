@@ -157,6 +157,10 @@ class SweepFailed(RuntimeError):
     pass
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    pass
+
+
 def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resources = Resources(), resume=False,
               address=None, num_cpus=None, log=print) -> dict:
     """Runs every stage of the given sweeps into one storage folder; returns a summary dict."""
@@ -291,6 +295,11 @@ def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> Non
         )
     results = tuner.fit()
     errors = [r for r in results if r.error is not None]
+    errored = {r.config["job"]["key"] for r in errors if r.config}
+    stopped = [j.key for j in jobs if not storage.done(j) and j.key not in errored]
+    if stopped:  # Tune returns from fit() on Ctrl-C, with its state saved
+        raise SweepInterrupted(f"{name}: interrupted with {len(stopped)} trial(s) unfinished; "
+                               "rerun with --resume to continue")
     log(f"{name}: {len(results) - len(errors)} trials finished, {len(errors)} failed")
 
 
@@ -416,6 +425,10 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"{prog}: {e or 'interrupted'}; finished trials and files are kept: rerun with --resume",
+              file=sys.stderr)
+        return 130
     return print_summary(summary)
 
 
