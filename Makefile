@@ -16,7 +16,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -c "import torch, torchvision, torchdiffeq, ray, optuna, pyarrow; print('environment ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $@
 
-demo: $(VENV)/.installed       ## the main job: the digits study on this machine
+# The whole pipeline on digits with smoke settings, on a local Ray instance: teachers, logits,
+# students with and without KD, PGD and MI-FGSM sweeps, Parquet, Tables 1-3 and Figure 1.
+# A rerun skips finished work (delete runs/demo to start over).
+DEMO_GRID := --dataset digits --smoke-test --teachers resnet20 resnet32 --temperatures 3 10
+demo: $(VENV)/.installed       ## the main job: the paper's pipeline on digits, local Ray
+	$(PY) sweeps/paper.py $(DEMO_GRID) --storage runs/demo --resume
+
+study: $(VENV)/.installed      ## the digits study without Ray (3 seeds, ~17 min)
 	$(PY) -m nodekd_ray.study --dataset digits --out runs/digits-study
 
 test: $(VENV)/.installed       ## the whole test suite
@@ -25,6 +32,7 @@ test: $(VENV)/.installed       ## the whole test suite
 bench: $(VENV)/.installed      ## performance ratios (see benchmarks/)
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_attack.py
+	$(PY) benchmarks/bench_object_store.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -146,3 +146,29 @@ def test_a_bad_grid_is_refused_before_any_trial(tmp_path, args, field):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"table2.py: error: {field}:"), r.stderr
     assert not store.exists()
+
+
+def test_lambda_T_search_persists_its_optuna_study(tmp_path):
+    store = tmp_path / "store"
+    base = [sys.executable, os.path.join(ROOT, "sweeps", "search_lambda_T.py"), "--dataset", "digits", "--smoke-test",
+            "--teacher", "resnet20", "--epochs", "2", "--address", "local", "--num-cpus", "2", "--storage", str(store)]
+    r = subprocess.run(base + ["--num-samples", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "best: lam = " in r.stdout and "over 2 trials" in r.stdout
+    # a rerun asking for 3 samples continues the same study: one new trial, TPE sees all three
+    r = subprocess.run(base + ["--num-samples", "3"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "2 finished trials" in r.stdout and "1 to run" in r.stdout and "over 3 trials" in r.stdout
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="lam-T-digits-resnet20-t1-paper",
+                              storage=JournalStorage(JournalFileBackend(str(store / "optuna.journal"))))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3 and all(0 <= t.params["lam"] <= 1 and 1 <= t.params["T"] <= 30 for t in done)
+    best = json.load(open(store / "lam-T-digits-resnet20-t1-paper.json"))
+    assert best["best_test_accuracy"] == max(t.value for t in done)
+    # every proposal trained a KD student whose record holds its lam and T
+    kd = [x for x in S.Storage(str(store)).records() if x["kind"] == "node_kd"]
+    assert {(round(t.params["T"], 3), round(t.params["lam"], 3)) for t in done} <= {(x["T"], x["lam"]) for x in kd}
