@@ -40,7 +40,7 @@ SWEEP_ATTACKS = ("pgd", "mifgsm")
 
 # --smoke-test: tiny models, few epochs, small subsets; minutes on a laptop CPU.
 SMOKE = {
-    "teacher": {"epochs": 5, "batch_size": 64, "limit_train": 1024, "limit_test": 256},
+    "teacher": {"epochs": 5, "batch_size": 32, "limit_train": 1024, "limit_test": 256},
     "student": {"epochs": 3, "batch_size": 64, "limit_train": 1024, "limit_test": 256,
                 "width": 16, "stem_channels": 8},
     "attack_images": 64,

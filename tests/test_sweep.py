@@ -97,7 +97,18 @@ def test_training_records_and_logits(trained):
     again = S.logit_table(tj, "paper", TINY, st, data)
     assert os.path.getmtime(st.logits(tj.key, "paper")) == mtime
     assert np.array_equal(again, np.load(st.logits(tj.key, "paper")))
-    assert os.listdir(st.tensorboard(kd.key))
+    # TensorBoard: per-trial scalars every epoch, and the trial's hyperparameters
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(st.tensorboard(kd.key))  # the folder: every event file in it
+    ev.Reload()
+    tags = ev.Tags()["scalars"]
+    for t in ("loss", "test_accuracy", "nfe_forward", "nfe_backward", "lr"):
+        assert f"node1-kd/{t}" in tags and len(ev.Scalars(f"node1-kd/{t}")) == 2
+    hp = EventAccumulator(os.path.join(st.tensorboard(kd.key), "hparams"))
+    hp.Reload()
+    assert "hparam/test_accuracy" in hp.Tags()["scalars"]
+    assert "_hparams_/session_start_info" in hp.Tags()["tensors"] or hp.PluginTagToContent("hparams")
 
 
 def test_an_ode_failure_is_recorded_and_not_retried(trained, monkeypatch):
