@@ -176,8 +176,9 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
     for stage in STAGES:
         path = storage.path("tune", f"{sweep_name}-{stage}")
         if os.path.isdir(path) and not resume and _unfinished(storage, p, stage):
-            raise ConfigError("resume", f"{storage.root} holds an interrupted '{sweep_name}' sweep; "
-                                        "rerun with --resume to continue it, or use another --storage")
+            raise ConfigError("resume", f"{storage.root} holds unfinished trials of the '{sweep_name}' sweep "
+                                        "(interrupted or failed); rerun with --resume to continue it, or use "
+                                        "another --storage")
     storage.check_settings(settings, create=True)
     stale = storage.remove_stale_temporaries()
     if stale:

@@ -43,6 +43,14 @@ def bad_cases(tmp, teacher):
     ]
 
 
+@pytest.mark.parametrize("argv, field", [(["report", "/no/such/results"], "results_dir"),
+                                         (["download", "mnist"], "dataset")])
+def test_report_and_download_refuse_bad_input(argv, field, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"nodekd: error: {field}:"), err
+
+
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, teacher_ckpt, capsys):
     for argv, field in bad_cases(str(tmp_path), teacher_ckpt):
         out = str(tmp_path / "out.file")
@@ -77,7 +85,8 @@ def test_help_explains_every_option():
         for action in parser._actions:
             assert action.help and len(action.help) > 8, (cmd, action.dest)
         r = subprocess.run([sys.executable, "-m", "nodekd_ray.cli", cmd, "--help"], capture_output=True, text=True)
-        assert r.returncode == 0 and "--dataset" in r.stdout
+        assert r.returncode == 0 and ("--dataset" in r.stdout or cmd in ("report", "download")), cmd
+        assert parser.description and parser.description.split()[0] in r.stdout
 
 
 def test_console_script_end_to_end(tmp_path):
