@@ -151,6 +151,8 @@ def figure1(records, attacks, path: str) -> str | None:
 
     datasets = sorted({a["dataset"] for a in attacks})
     kinds = [k for k in ("pgd", "mifgsm") if any(a["attack"] == k for a in attacks)]
+    labels = sorted({_label(a) for a in attacks})
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}  # one colour per model, every panel
     fig, axes = plt.subplots(len(kinds), len(datasets), figsize=(4.2 * len(datasets), 3.4 * len(kinds)),
                              squeeze=False)
     for i, attack in enumerate(kinds):
@@ -162,7 +164,7 @@ def figure1(records, attacks, path: str) -> str | None:
                 eps = sorted({a["eps_255"] for a in sel})
                 acc = [100 * statistics.mean(a["robust_accuracy"] for a in sel if a["eps_255"] == e) for e in eps]
                 style = "--" if label.startswith("ResNet") else ("-" if "KD" in label else ":")
-                ax.plot(eps, acc, style, marker="o", markersize=3, label=label)
+                ax.plot(eps, acc, style, marker="o", markersize=3, label=label, color=colors[label])
             ax.set_title(f"{_DS.get(ds, ds)} under {'PGD' if attack == 'pgd' else 'MI-FGSM'}")
             ax.set_xlabel("ε (/255)")
             ax.set_ylabel("accuracy (%)")
