@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -32,6 +33,7 @@ import numpy as np
 
 from .data import DATASETS, ImageSet, load_dataset
 from .errors import ConfigError
+from .results import atomic_write_json
 from .sweep import (SMOKE, AttackJob, Settings, Storage, StudentJob, SweepSpec, TeacherJob, logit_table, plan,
                     run_attack, run_training)
 
@@ -174,8 +176,7 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
     storage = Storage(storage_root)
     sweep_name = "+".join(s.name for s in specs)
     for stage in STAGES:
-        path = storage.path("tune", f"{sweep_name}-{stage}")
-        if os.path.isdir(path) and not resume and _unfinished(storage, p, stage):
+        if _experiments(storage, f"{sweep_name}-{stage}") and not resume and _unfinished(storage, p, stage):
             raise ConfigError("resume", f"{storage.root} holds unfinished trials of the '{sweep_name}' sweep "
                                         "(interrupted or failed); rerun with --resume to continue it, or use "
                                         "another --storage")
@@ -269,39 +270,69 @@ def _unfinished(storage: Storage, p, stage: str) -> bool:
     return any(not storage.done(j) for j in jobs)
 
 
+def _experiments(storage: Storage, name: str) -> list[str]:
+    """This stage's Tune experiment folders, oldest first: name, name-2, name-3, ..."""
+    out, k = [], 1
+    while True:
+        path = storage.path("tune", name if k == 1 else f"{name}-{k}")
+        if not os.path.isdir(path):
+            return out
+        out.append(path)
+        k += 1
+
+
 def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> None:
+    """Runs the stage's unfinished jobs as Tune trials.
+
+    With resume, the latest experiment of this stage is restored first (finished trials stay
+    finished, unfinished ones continue from their checkpoints, errored ones are retried). Jobs
+    that no experiment holds yet (a grid grown since) then run in a new experiment name-N.
+    """
     from ray import tune
 
     todo = [j for j in jobs if not storage.done(j)]
     if len(todo) < len(jobs):
         log(f"{name}: {len(jobs) - len(todo)} of {len(jobs)} trials already finished in {storage.root}")
-    path = storage.path("tune", name)
     trainable = tune.with_resources(tune.with_parameters(train_trial, **params), res)
-    if resume and tune.Tuner.can_restore(path):
-        log(f"{name}: resuming the interrupted Tune experiment in {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    elif not todo:
+    existing = _experiments(storage, name)
+    errored: set[str] = set()
+    if todo and resume and existing and tune.Tuner.can_restore(existing[-1]):
+        log(f"{name}: resuming the Tune experiment in {existing[-1]}")
+        tuner = tune.Tuner.restore(existing[-1], trainable=trainable, resume_unfinished=True, resume_errored=True)
+        with open(existing[-1] + ".jobs.json") as f:
+            held = set(json.load(f))
+        errored |= _fit(tuner, name, [j for j in jobs if j.key in held], storage, log)
+        todo = [j for j in jobs if not storage.done(j) and j.key not in errored]
+    if not todo:
         return
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"job": tune.grid_search([job_to_dict(j) for j in todo])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent or None,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(
-                name=name, storage_path=storage.path("tune"),
-                failure_config=tune.FailureConfig(max_failures=resources.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                verbose=1),
-        )
+    exp = name if not existing else f"{name}-{len(existing) + 1}"
+    # which jobs this experiment holds (Tune creates grid trials lazily, so its own state may not
+    # list them all when it is interrupted)
+    atomic_write_json([j.key for j in todo], storage.path("tune", f"{exp}.jobs.json"))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"job": tune.grid_search([job_to_dict(j) for j in todo])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent or None,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(
+            name=exp, storage_path=storage.path("tune"),
+            failure_config=tune.FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1),
+    )
+    _fit(tuner, name, todo, storage, log)
+
+
+def _fit(tuner, name, jobs, storage, log) -> set[str]:
+    """Runs a Tuner over ``jobs``; returns the keys of errored trials; raises SweepInterrupted on Ctrl-C."""
     results = tuner.fit()
-    errors = [r for r in results if r.error is not None]
-    errored = {r.config["job"]["key"] for r in errors if r.config}
+    errored = {r.config["job"]["key"] for r in results if r.error is not None and r.config}
     stopped = [j.key for j in jobs if not storage.done(j) and j.key not in errored]
     if stopped:  # Tune returns from fit() on Ctrl-C, with its state saved
         raise SweepInterrupted(f"{name}: interrupted with {len(stopped)} trial(s) unfinished; "
                                "rerun with --resume to continue")
-    log(f"{name}: {len(results) - len(errors)} trials finished, {len(errors)} failed")
+    log(f"{name}: {len(results) - len(errored)} trials finished, {len(errored)} failed")
+    return errored
 
 
 def _trial_name(trial) -> str:
@@ -533,7 +564,5 @@ def run_search(*, dataset: str, teacher: str, t1: float, logits_mode: str, num_s
     best = max(done, key=lambda t: t.value)
     out = {"study": study_name, "trials": len(done), "best_lam": best.params["lam"], "best_T": best.params["T"],
            "best_test_accuracy": best.value, "journal": storage.path("optuna.journal")}
-    from .results import atomic_write_json
-
     atomic_write_json(out, storage.path(f"{study_name}.json"))
     return out

@@ -132,6 +132,15 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path):
     for key in kd_done:  # finished before the interrupt: not trained again
         assert recs[key]["attempts"] == 1, recs[key]
     assert recs["teacher-digits-resnet20-s0"]["attempts"] == 1
+    # a grown grid with --resume trains only the new student, in a new Tune experiment
+    attempts = {k: x["attempts"] for k, x in recs.items()}
+    r = sweep("table2.py", store, "--temperatures", "3", "10", "20", "5", "--resume")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    recs = {x["key"]: x for x in st.records()}
+    new = "kd-digits-t1-resnet20-T5-lam0.9-s0"
+    assert recs[new]["status"] == "done" and recs[new]["attempts"] == 1
+    assert {k: x["attempts"] for k, x in recs.items() if k != new} == attempts
+    assert os.path.isdir(store / "tune" / "table2-students-2")
 
 
 @pytest.mark.parametrize("args, field", [
