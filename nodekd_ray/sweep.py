@@ -515,6 +515,7 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
     model, _ = load_checkpoint(storage.model(job.model_key))
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     test = test.take(settings.attack_images)
+    # PGD's random start is seeded by the chunk's first eps, so a rerun of a chunk repeats it exactly
     res = attack_sweep(model, test.images, test.labels, attack=job.attack, eps_list=[e / 255 for e in job.eps_255],
                        batch_size=settings.attack_batch_size, seed=seed + int(job.eps_255[0] * 1000), device=dev)
     task_seconds = time.perf_counter() - t0
