@@ -180,7 +180,7 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
             raise ConfigError("resume", f"{storage.root} holds unfinished trials of the '{sweep_name}' sweep "
                                         "(interrupted or failed); rerun with --resume to continue it, or use "
                                         "another --storage")
-    storage.check_settings(settings, create=True)
+    storage.check_settings(settings, create=False)
     stale = storage.remove_stale_temporaries()
     if stale:
         log(f"removed {stale} partial file(s) left by killed writers")
@@ -212,6 +212,7 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
                 raise ConfigError(cause.field, cause.message) from None
             raise
     summary["seconds"]["data"] = time.perf_counter() - t0
+    storage.check_settings(settings, create=True)  # only now: a missing data file leaves nothing behind
 
     common = dict(data_refs=data_refs, settings=settings.to_dict(), storage_root=storage.root)
 
