@@ -167,7 +167,6 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
               address=None, num_cpus=None, log=print) -> dict:
     """Runs every stage of the given sweeps into one storage folder; returns a summary dict."""
     import ray
-    from ray import tune
 
     specs = [s.validate() for s in specs]
     settings.validate()

@@ -218,7 +218,7 @@ class Settings:
 
     def validate(self) -> "Settings":
         teacher_config(TeacherJob("digits", "resnet20"), self).validate()
-        _student_config(StudentJob("digits", 1.0, 0, "resnet20", 10.0, 0.9, "paper"), self).validate()
+        student_config(StudentJob("digits", 1.0, 0, "resnet20", 10.0, 0.9, "paper"), self).validate()
         if self.attack_images is not None and self.attack_images < 1:
             raise ConfigError("attack_images", f"must be >= 1, got {self.attack_images}")
         if self.attack_batch_size < 1:
@@ -229,7 +229,7 @@ class Settings:
         return json.loads(json.dumps(asdict(self)))
 
 
-def _student_config(job: StudentJob, settings: Settings, **extra) -> StudentConfig:
+def student_config(job: StudentJob, settings: Settings, **extra) -> StudentConfig:
     kw = dict(settings.student)
     node_fields = set(NODEConfig.__dataclass_fields__)
     node = NODEConfig(**{k: kw.pop(k) for k in list(kw) if k in node_fields}, t1=job.t1)
@@ -247,9 +247,6 @@ def teacher_config(job: TeacherJob, settings: Settings, **extra) -> TeacherConfi
     except TypeError as e:
         raise ConfigError("teacher", f"unknown setting: {e}") from None
 
-
-def student_config(job: StudentJob, settings: Settings, **extra) -> StudentConfig:
-    return _student_config(job, settings, **extra)
 
 
 # ----------------------------------------------------------------------------- storage

@@ -113,7 +113,6 @@ def test_training_records_and_logits(trained):
 
 def test_an_ode_failure_is_recorded_and_not_retried(trained, monkeypatch):
     st, data, *_ = trained
-    job = S.StudentJob("synthetic", 1.0, 0, None)
     job = S.StudentJob("synthetic", 2.0, 0)
     bad = S.Settings(**{**TINY.to_dict(), "student": {**TINY.student, "max_num_steps": 1}})
     with pytest.raises(S.ODESolveError):
