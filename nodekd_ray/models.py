@@ -265,12 +265,17 @@ def nfe_totals(model: nn.Module) -> tuple[int, int]:
     return (getattr(model, "nfe_forward", 0), getattr(model, "nfe_backward", 0))
 
 
-def save_checkpoint(path: str, model: nn.Module, *, arch: str, num_classes: int, mean, std,
-                    node: dict | None = None, meta: dict | None = None) -> None:
+def save_checkpoint(path: str, model: nn.Module, **ckpt) -> None:
     """Writes a weights_only-loadable dict atomically (a temporary file, then rename)."""
     from .results import atomic_torch_save
 
-    state = {
+    atomic_torch_save(checkpoint_state(model, **ckpt), path)
+
+
+def checkpoint_state(model: nn.Module, *, arch: str, num_classes: int, mean, std,
+                     node: dict | None = None, meta: dict | None = None) -> dict:
+    """What a checkpoint file holds: plain types and CPU tensors (loadable with weights_only)."""
+    return {
         "format": "nodekd-checkpoint-v1",
         "arch": arch,
         "num_classes": int(num_classes),
@@ -280,17 +285,23 @@ def save_checkpoint(path: str, model: nn.Module, *, arch: str, num_classes: int,
         "meta": dict(meta or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: str, *, expect_arch: str | tuple[str, ...] | None = None, map_location="cpu"):
-    """Returns (model in eval mode, checkpoint dict). Bad files and wrong architectures raise ConfigError."""
+def load_checkpoint(path, *, expect_arch: str | tuple[str, ...] | None = None, map_location="cpu",
+                    name: str | None = None):
+    """Returns (model in eval mode, checkpoint dict). Bad files and wrong architectures raise ConfigError.
+
+    path: a file path, or a binary file object (then ``name`` says what it is in error messages).
+    """
     import os
 
-    if not os.path.isfile(path):
-        raise ConfigError("checkpoint", f"no such file: {path}")
+    if isinstance(path, (str, os.PathLike)):
+        if not os.path.isfile(path):
+            raise ConfigError("checkpoint", f"no such file: {path}")
+        name = name or os.fspath(path)
+    source, path = path, name or "checkpoint"
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ConfigError("checkpoint", f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "nodekd-checkpoint-v1":

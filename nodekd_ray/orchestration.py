@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -33,7 +32,6 @@ import numpy as np
 
 from .data import DATASETS, ImageSet, load_dataset
 from .errors import ConfigError
-from .results import atomic_write_json
 from .sweep import (SMOKE, AttackJob, Settings, Storage, StudentJob, SweepSpec, TeacherJob, logit_table, plan,
                     run_attack, run_training)
 
@@ -173,6 +171,7 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
     resources.validate()
     p = plan(specs, eps_per_task=settings.eps_per_task)
     storage = Storage(storage_root)
+    storage.check_reachable()
     sweep_name = "+".join(s.name for s in specs)
     for stage in STAGES:
         if _experiments(storage, f"{sweep_name}-{stage}") and not resume and _unfinished(storage, p, stage):
@@ -192,7 +191,8 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     res = {"cpu": resources.cpus_per_trial, "gpu": gpus}
     t_start = time.perf_counter()
-    summary = {"storage": storage.root, "failed": {}, "seconds": {}}
+    summary = {"storage": storage.root, "tensorboard": storage.url(storage.path("tensorboard")), "failed": {},
+               "seconds": {}}
 
     # 1. data: once per data set, into the object store
     load = ray.remote(num_cpus=1)(_load_data)
@@ -211,7 +211,10 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
                 raise ConfigError(cause.field, cause.message) from None
             raise
     summary["seconds"]["data"] = time.perf_counter() - t0
-    storage.check_settings(settings, create=True)  # only now: a missing data file leaves nothing behind
+    try:  # only now: a missing data file leaves nothing behind
+        storage.check_settings(settings, create=True)
+    except OSError as e:  # e.g. a read-only folder, credentials that may read but not write
+        raise ConfigError("storage", f"cannot write to {storage.root}: {str(e).strip().splitlines()[0]}") from None
 
     common = dict(data_refs=data_refs, settings=settings.to_dict(), storage_root=storage.root)
 
@@ -275,7 +278,7 @@ def _experiments(storage: Storage, name: str) -> list[str]:
     out, k = [], 1
     while True:
         path = storage.path("tune", name if k == 1 else f"{name}-{k}")
-        if not os.path.isdir(path):
+        if not storage.isdir(path):
             return out
         out.append(path)
         k += 1
@@ -296,11 +299,12 @@ def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> Non
     trainable = tune.with_resources(tune.with_parameters(train_trial, **params), res)
     existing = _experiments(storage, name)
     errored: set[str] = set()
-    if todo and resume and existing and tune.Tuner.can_restore(existing[-1]):
-        log(f"{name}: resuming the Tune experiment in {existing[-1]}")
-        tuner = tune.Tuner.restore(existing[-1], trainable=trainable, resume_unfinished=True, resume_errored=True)
-        with open(existing[-1] + ".jobs.json") as f:
-            held = set(json.load(f))
+    fs = _tune_filesystem(storage)
+    if todo and resume and existing and tune.Tuner.can_restore(existing[-1], storage_filesystem=fs):
+        log(f"{name}: resuming the Tune experiment in {storage.url(existing[-1])}")
+        tuner = tune.Tuner.restore(existing[-1], trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+        held = set(storage.read_json(existing[-1] + ".jobs.json") or [])
         errored |= _fit(tuner, name, [j for j in jobs if j.key in held], storage, log)
         todo = [j for j in jobs if not storage.done(j) and j.key not in errored]
     if not todo:
@@ -308,19 +312,24 @@ def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> Non
     exp = name if not existing else f"{name}-{len(existing) + 1}"
     # which jobs this experiment holds (Tune creates grid trials lazily, so its own state may not
     # list them all when it is interrupted)
-    atomic_write_json([j.key for j in todo], storage.path("tune", f"{exp}.jobs.json"))
+    storage.write_json([j.key for j in todo], storage.path("tune", f"{exp}.jobs.json"))
     tuner = tune.Tuner(
         trainable,
         param_space={"job": tune.grid_search([job_to_dict(j) for j in todo])},
         tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent or None,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=exp, storage_path=storage.path("tune"),
+            name=exp, storage_path=storage.path("tune"), storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=1),
     )
     _fit(tuner, name, todo, storage, log)
+
+
+def _tune_filesystem(storage: Storage):
+    """Tune's storage_filesystem: None for a local folder, else the storage's (S3, GCS, ...)."""
+    return None if storage.local else storage.fs
 
 
 def _fit(tuner, name, jobs, storage, log) -> set[str]:
@@ -344,7 +353,7 @@ def _attack_stage(jobs, storage, settings, res, resources, data_refs, failed, lo
 
     task = ray.remote(_attack_task).options(num_cpus=res["cpu"], num_gpus=res["gpu"],
                                             max_retries=resources.attack_retries)
-    todo = [j for j in jobs if not os.path.exists(storage.attack_file(j))]
+    todo = [j for j in jobs if not storage.exists(storage.attack_file(j))]
     runnable = [j for j in todo if j.model_key not in failed]
     skipped = len(todo) - len(runnable)
     log(f"attacks: {len(jobs)} tasks, {len(jobs) - len(todo)} already written, {len(runnable)} to run"
@@ -476,7 +485,7 @@ def print_summary(summary: dict) -> int:
     print(f"results: {summary['storage']}")
     for what, path in summary["report"].items():
         print(f"{what}: {path}")
-    print(f"TensorBoard: tensorboard --logdir {os.path.join(summary['storage'], 'tensorboard')}")
+    print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")
     return 1 if summary["failed"] or att["failed"] else 0
 
 
@@ -528,12 +537,12 @@ def run_search(*, dataset: str, teacher: str, t1: float, logits_mode: str, num_s
         table_refs[f"{tj.key}-{logits_mode}"] = ray.remote(_logits_task).remote(
             job_to_dict(tj), logits_mode, settings.to_dict(), storage.root, data_ref)
     study_name = f"lam-T-{dataset}-{teacher}-t{t1:g}-{logits_mode}"
-    journal = JournalStorage(JournalFileBackend(storage.path("optuna.journal")))
+    sync = _JournalSync(storage)
+    journal = JournalStorage(JournalFileBackend(sync.local))
     study = optuna.create_study(study_name=study_name, storage=journal, direction="maximize", load_if_exists=True)
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     remaining = max(0, num_samples - len(finished))
-    log(f"optuna study {study_name!r}: {len(finished)} finished trials in {storage.path('optuna.journal')}, "
-        f"{remaining} to run")
+    log(f"optuna study {study_name!r}: {len(finished)} finished trials in {sync.url}, {remaining} to run")
     gpus = resources.gpus_per_trial
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -553,16 +562,61 @@ def run_search(*, dataset: str, teacher: str, t1: float, logits_mode: str, num_s
                                                                 grace_period=grace_period, reduction_factor=2),
                                         max_concurrent_trials=resources.max_concurrent or None),
             run_config=tune.RunConfig(name=f"{study_name}-{len(finished)}", storage_path=storage.path("tune"),
+                                      storage_filesystem=_tune_filesystem(storage),
                                       failure_config=tune.FailureConfig(max_failures=resources.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
+                                      callbacks=[sync.callback()]),
         )
-        tuner.fit()
+        try:
+            tuner.fit()
+        finally:
+            sync.upload()
     study = optuna.load_study(study_name=study_name, storage=journal)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise SweepFailed("no search trial finished")
     best = max(done, key=lambda t: t.value)
     out = {"study": study_name, "trials": len(done), "best_lam": best.params["lam"], "best_T": best.params["T"],
-           "best_test_accuracy": best.value, "journal": storage.path("optuna.journal")}
-    atomic_write_json(out, storage.path(f"{study_name}.json"))
+           "best_test_accuracy": best.value, "journal": sync.url}
+    storage.write_json(out, storage.path(f"{study_name}.json"))
     return out
+
+
+class _JournalSync:
+    """The Optuna journal: STORAGE/optuna.journal itself when the storage is local. A journal is a
+    file-locked log that an object store cannot hold in place, so for a URI storage the driver
+    works on a local copy, downloaded first and uploaded while trials finish and at the end."""
+
+    def __init__(self, storage: Storage):
+        self.storage, self.remote = storage, storage.path("optuna.journal")
+        self.url = storage.url(self.remote)
+        self.local = self.remote if storage.local else storage.staging("optuna.journal")
+        self._uploaded = None
+        if not storage.local:
+            if not storage.download(self.remote, self.local) and os.path.exists(self.local):
+                os.remove(self.local)  # a copy from an earlier folder of the same name: the storage decides
+            os.makedirs(os.path.dirname(self.local), exist_ok=True)
+
+    def upload(self) -> None:
+        if self.storage.local or not os.path.exists(self.local):
+            return
+        stamp = os.stat(self.local).st_size
+        if stamp != self._uploaded:
+            with open(self.local, "rb") as f:
+                self.storage.write_bytes(self.remote, f.read())
+            self._uploaded = stamp
+
+    def callback(self):
+        from ray import tune
+
+        sync = self
+
+        class UploadJournal(tune.Callback):
+            def on_step_end(self, iteration, trials, **info):
+                if iteration % 20 == 0:
+                    sync.upload()
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                sync.upload()
+
+        return UploadJournal()

@@ -9,10 +9,9 @@ final test accuracy in percent. Robust accuracies come from the attacked subset 
 """
 from __future__ import annotations
 
-import os
+import io
 import statistics
 
-from .results import atomic_write_text
 from .sweep import TEACHERS, Storage, read_attacks
 
 # The paper's numbers (accuracy, %): Table 1, Table 2 (NODE(1) students), Table 3.
@@ -140,8 +139,8 @@ def _label(a) -> str:
     return f"NODE({a['t1']:g})-KD {_NAMES.get(a['teacher'], a['teacher'])} T={a['T']:g}"
 
 
-def figure1(records, attacks, path: str) -> str | None:
-    """Accuracy vs eps: rows PGD / MI-FGSM, one column per data set; ResNet, NODE, NODE-KD per horizon."""
+def figure1(records, attacks) -> bytes | None:
+    """Accuracy vs eps as PNG bytes: rows PGD / MI-FGSM, one column per data set; ResNet, NODE, NODE-KD per horizon."""
     if not attacks:
         return None
     import matplotlib
@@ -172,11 +171,10 @@ def figure1(records, attacks, path: str) -> str | None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return buf.getvalue()
 
 
 def _figure_lines(rows) -> list[str]:
@@ -191,23 +189,24 @@ def _figure_lines(rows) -> list[str]:
 
 
 def write_report(results_dir: str) -> dict:
-    """Writes the tables and the figure into RESULTS_DIR/report; returns {name: path}."""
+    """Writes the tables and the figure into RESULTS_DIR/report (a path or a URI); returns {name: path}."""
     storage = Storage(results_dir)
-    if not os.path.isdir(storage.root):
+    storage.check_reachable()
+    if not storage.isdir(storage.base):
         from .errors import ConfigError
 
         raise ConfigError("results_dir", f"no such folder: {results_dir}")
     records = storage.records()
     attacks = read_attacks(storage).to_pylist()
-    out = storage.path("report")
-    os.makedirs(out, exist_ok=True)
     paths = {}
     for name, text in (("Table 1", table1(records)), ("Table 2", table2(records)),
                        ("Table 3", table3(records, attacks)), ("Attacks", attacks_table(attacks))):
-        p = os.path.join(out, name.lower().replace(" ", "") + ".md")
-        atomic_write_text(text, p)
-        paths[name] = p
-    fig = figure1(records, attacks, os.path.join(out, "figure1.png"))
-    if fig:
-        paths["Figure 1"] = fig
+        p = storage.path("report", name.lower().replace(" ", "") + ".md")
+        storage.write_text(text, p)
+        paths[name] = storage.url(p)
+    png = figure1(records, attacks)
+    if png:
+        p = storage.path("report", "figure1.png")
+        storage.write_bytes(p, png)
+        paths["Figure 1"] = storage.url(p)
     return paths

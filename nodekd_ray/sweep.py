@@ -2,7 +2,8 @@
 work each job does. Plain PyTorch and pyarrow; ``orchestration`` runs these jobs as Ray Tune
 trials and Ray tasks, and ``report`` reads what they write.
 
-Storage layout (one folder per experiment; every file written atomically):
+Storage layout (one folder per experiment, a local path or a URI such as s3://bucket/prefix; see
+storage.py; every file written atomically):
 
     settings.json                        scale settings shared by every sweep using this folder
     models/{key}.pt                      finished models (models.save_checkpoint format)
@@ -18,6 +19,7 @@ trained for Table 1 is reused by Table 2, and a rerun skips every job whose outp
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -30,9 +32,9 @@ from .attacks import ATTACKS, attack_sweep
 from .data import DATASETS, ImageSet
 from .errors import ConfigError, check_choice, check_range
 from .kd import LOGIT_MODES, compute_logit_table, validate_kd
-from .models import RESNET_DEPTHS, NODEConfig, ODESolveError, load_checkpoint
-from .results import _atomic, atomic_write_json, atomic_write_table
-from .train import StudentConfig, TeacherConfig, save_trained, train_student, train_teacher
+from .models import RESNET_DEPTHS, NODEConfig, ODESolveError, checkpoint_state, load_checkpoint
+from .storage import Storage
+from .train import StudentConfig, TeacherConfig, train_student, train_teacher
 
 TEACHERS = tuple(RESNET_DEPTHS)            # resnet20 ... resnet110
 EPS_255_PAPER = tuple(range(21))           # 0, 1, ..., 20 (/255), paper section 4.3.1
@@ -248,84 +250,6 @@ def teacher_config(job: TeacherJob, settings: Settings, **extra) -> TeacherConfi
         raise ConfigError("teacher", f"unknown setting: {e}") from None
 
 
-
-# ----------------------------------------------------------------------------- storage
-
-
-class Storage:
-    """Paths inside one experiment folder (local disk or a shared mount)."""
-
-    def __init__(self, root: str):
-        self.root = os.path.abspath(root)
-
-    def path(self, *parts) -> str:
-        return os.path.join(self.root, *parts)
-
-    def model(self, key):
-        return self.path("models", f"{key}.pt")
-
-    def record(self, key):
-        return self.path("records", f"{key}.json")
-
-    def logits(self, teacher_key, mode, ext="npy"):
-        return self.path("logits", f"{teacher_key}-{mode}.{ext}")
-
-    def attack_file(self, job: AttackJob):
-        return self.path("results", "attacks", f"dataset={job.dataset}", f"attack={job.attack}", f"{job.key}.parquet")
-
-    def tensorboard(self, key):
-        return self.path("tensorboard", key)
-
-    def read_record(self, key) -> dict | None:
-        try:
-            with open(self.record(key)) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-
-    def write_record(self, key, rec: dict) -> None:
-        atomic_write_json(rec, self.record(key))
-
-    def done(self, job) -> bool:
-        rec = self.read_record(job.key)
-        return rec is not None and rec.get("status") == "done" and os.path.exists(self.model(job.key))
-
-    def records(self) -> list[dict]:
-        folder = self.path("records")
-        if not os.path.isdir(folder):
-            return []
-        out = []
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".json") and not name.startswith("."):
-                with open(os.path.join(folder, name)) as f:
-                    out.append(json.load(f))
-        return out
-
-    def check_settings(self, settings: Settings, *, create: bool) -> None:
-        """Refuses a storage folder made with other scale settings (their results would mix)."""
-        path = self.path("settings.json")
-        mine = settings.to_dict()
-        if os.path.exists(path):
-            with open(path) as f:
-                theirs = json.load(f)
-            if theirs != mine:
-                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-                raise ConfigError("storage", f"{self.root} was made with other settings ({', '.join(diff)} differ); "
-                                             "use another --storage or the same options")
-        elif create:
-            atomic_write_json(mine, path)
-
-    def remove_stale_temporaries(self) -> int:
-        """Deletes temporary files left by killed writers (never under a final name)."""
-        n = 0
-        for dirpath, _, files in os.walk(self.root):
-            for name in files:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    os.unlink(os.path.join(dirpath, name))
-                    n += 1
-        return n
-
-
 # ----------------------------------------------------------------------------- faults (tests)
 
 
@@ -338,12 +262,10 @@ def fault(name: str, key: str, storage: Storage, **match) -> bool:
     spec = json.loads(os.environ.get("NODEKD_FAULTS", "{}")).get(name)
     if not spec or spec.get("key", "") not in key or any(spec.get(k, v) != v for k, v in match.items()):
         return False
-    os.makedirs(storage.path("faults"), exist_ok=True)
-    try:
-        fd = os.open(storage.path("faults", f"{name}-{key}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
+    marker = storage.path("faults", f"{name}-{key}")
+    if storage.exists(marker):   # one trial per key, so no two processes race for a marker
         return False
-    os.close(fd)
+    storage.write_bytes(marker, b"")
     return True
 
 
@@ -365,22 +287,55 @@ def logit_table(teacher_job: TeacherJob, mode: str, settings: Settings, storage:
     Its .json sidecar says how many teacher forwards made it; a cached table costs none.
     """
     path = storage.logits(teacher_job.key, mode)
-    if os.path.exists(path):
-        return np.load(path)
+    cached = storage.read_bytes(path)
+    if cached is not None:
+        return np.load(io.BytesIO(cached))
     probe = student_config(StudentJob(teacher_job.dataset, 1.0, teacher_job.seed, teacher_job.arch, 10.0, 0.9, mode),
                            settings, device=device)
     train, _ = _limited(data, probe)
-    teacher, _ = load_checkpoint(storage.model(teacher_job.key), expect_arch=teacher_job.arch)
+    teacher, _ = load_model(storage, teacher_job.key, expect_arch=teacher_job.arch)
     pad, _ = probe.augment()
     t0 = time.perf_counter()
     table = compute_logit_table(teacher, train, mode=mode, crop_padding=pad, device=probe.torch_device())
     seconds = time.perf_counter() - t0
-    _atomic(path, lambda tmp: np.save(open(tmp, "wb"), table))
+    buf = io.BytesIO()
+    np.save(buf, table)
+    storage.write_bytes(path, buf.getvalue())
     views = table.shape[1] if table.ndim == 3 else 1
-    atomic_write_json({"teacher": teacher_job.key, "mode": mode, "shape": list(table.shape),
-                       "teacher_forward_images": len(train) * views, "seconds": seconds},
-                      storage.logits(teacher_job.key, mode, "json"))
+    storage.write_json({"teacher": teacher_job.key, "mode": mode, "shape": list(table.shape),
+                        "teacher_forward_images": len(train) * views, "seconds": seconds},
+                       storage.logits(teacher_job.key, mode, "json"))
     return table
+
+
+def load_model(storage: Storage, key: str, **kw):
+    """(model, checkpoint dict) of a finished job, from any storage."""
+    path = storage.model(key)
+    data = storage.read_bytes(path)
+    if data is None:
+        raise ConfigError("checkpoint", f"no such file: {storage.url(path)}")
+    return load_checkpoint(io.BytesIO(data), name=storage.url(path), **kw)
+
+
+def save_model(storage: Storage, key: str, model, ckpt: dict) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(checkpoint_state(model, **ckpt), buf)
+    storage.write_bytes(storage.model(key), buf.getvalue())
+
+
+class _TensorBoardDir:
+    """Where a trial's TensorBoard files go: the storage folder itself when it is local; else a
+    local staging folder, uploaded after every epoch (event files are appended to in place)."""
+
+    def __init__(self, storage: Storage, key: str):
+        self.storage, self.remote = storage, storage.tensorboard(key)
+        self.local = self.remote if storage.local else storage.staging("tensorboard", key)
+
+    def sync(self) -> None:
+        if not self.storage.local and os.path.isdir(self.local):
+            self.storage.upload_tree(self.local, self.remote)
 
 
 def _base_record(job, cfg) -> dict:
@@ -403,8 +358,8 @@ def run_training(job, settings: Settings, storage: Storage, data, *, table=None,
     "failed" with the reason. An ODE solve failure is deterministic: later attempts fail at once.
     """
     is_teacher = isinstance(job, TeacherJob)
-    cfg = (teacher_config if is_teacher else student_config)(job, settings, device=device,
-                                                            log_dir=storage.tensorboard(job.key))
+    tb = _TensorBoardDir(storage, job.key)
+    cfg = (teacher_config if is_teacher else student_config)(job, settings, device=device, log_dir=tb.local)
     rec = storage.read_record(job.key) or {}
     if rec.get("status") == "failed" and rec.get("deterministic"):
         raise ODESolveError(f"{job.key} failed before (not retried): {rec.get('error')}")
@@ -418,6 +373,7 @@ def run_training(job, settings: Settings, storage: Storage, data, *, table=None,
             metrics = {**metrics, "teacher_forwards": soft_forwards(), "teacher_checkpoint_loads": teacher_loads}
         rec["history"] = state["history"]
         storage.write_record(job.key, rec)
+        tb.sync()
         if report is not None:
             report(metrics, state)
         if fault("raise_in_training", job.key, storage, epoch=metrics["epoch"]):
@@ -441,7 +397,7 @@ def run_training(job, settings: Settings, storage: Storage, data, *, table=None,
         else:
             teacher = None
             if job.kd and job.logits_mode == "online":
-                teacher, _ = load_checkpoint(storage.model(job.teacher_job.key), expect_arch=job.teacher)
+                teacher, _ = load_model(storage, job.teacher_job.key, expect_arch=job.teacher)
                 teacher_loads = 1
             model, history, ckpt = train_student(cfg, teacher=teacher, table=table, data=(train, test),
                                                  soft_out=holder, **fit_kw)
@@ -454,8 +410,9 @@ def run_training(job, settings: Settings, storage: Storage, data, *, table=None,
     final = dict(history[-1])
     if not is_teacher:
         final.update(teacher_forwards=ckpt["meta"]["teacher_forwards"], teacher_checkpoint_loads=teacher_loads)
-    save_trained(storage.model(job.key), model, ckpt)
-    _hparams(storage.tensorboard(job.key), rec, final)
+    save_model(storage, job.key, model, ckpt)
+    _hparams(tb.local, rec, final)
+    tb.sync()
     storage.write_record(job.key, {**rec, "status": "done", "history": history, "final": final,
                                    "test_accuracy": final["test_accuracy"], "error": None})
     return final
@@ -509,7 +466,7 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
     t0 = time.perf_counter()
     out = storage.attack_file(job)
     rec = storage.read_record(job.model_key) or {}
-    model, _ = load_checkpoint(storage.model(job.model_key))
+    model, _ = load_model(storage, job.model_key)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     test = test.take(settings.attack_images)
     # PGD's random start is seeded by the chunk's first eps, so a rerun of a chunk repeats it exactly
@@ -531,21 +488,26 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
             "task_seconds": task_seconds, "chunk": job.key,
         })
     table = pa.Table.from_pylist(rows, schema=ATTACK_FILE_SCHEMA)
+    data = parquet_bytes(table)
     if fault("kill_attack_write", job.key, storage):
-        _die_mid_write(table, out)
-    atomic_write_table(table, out)
-    return out
+        _die_mid_write(storage, data, out)
+    storage.write_bytes(out, data)
+    return storage.url(out)
 
 
-def _die_mid_write(table: pa.Table, out: str) -> None:
-    """Fault injection: the process dies with half a file written under a temporary name."""
+def parquet_bytes(table: pa.Table) -> bytes:
     import pyarrow.parquet as pq
 
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".killed.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "r+b") as f:
-        f.truncate(os.path.getsize(tmp) // 2)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _die_mid_write(storage: Storage, data: bytes, out: str) -> None:
+    """Fault injection: the process dies with half a file written under a temporary name."""
+    storage.makedirs(os.path.dirname(out) if storage.local else out.rsplit("/", 1)[0])
+    with storage.fs.open_output_stream(storage.temporary(out)) as f:
+        f.write(data[: len(data) // 2])
     os._exit(17)
 
 
@@ -554,9 +516,10 @@ def read_attacks(storage: Storage):
     import pyarrow.dataset as ds
 
     root = storage.path("results", "attacks")
-    if not os.path.isdir(root):
+    if not storage.isdir(root):
         return ATTACK_SCHEMA.empty_table()
-    return ds.dataset(root, format="parquet", partitioning="hive", schema=ATTACK_SCHEMA).to_table()
+    return ds.dataset(root, filesystem=storage.fs, format="parquet", partitioning="hive",
+                      schema=ATTACK_SCHEMA).to_table()
 
 
 # ----------------------------------------------------------------------------- the paper's sweeps

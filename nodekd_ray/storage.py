@@ -1,0 +1,241 @@
+"""An experiment folder on any file system pyarrow.fs knows: a local path (or a shared mount such
+as EFS/NFS), or a URI: s3://bucket/prefix, gs://bucket/prefix, hdfs://host/path, file:///abs/path.
+Plain pyarrow; no Ray.
+
+Every file appears under its final name only when complete: it is written under a temporary name
+(".{name}.{random}.tmp") in the same folder and then moved. A local move is a rename; on object
+stores (S3, GCS) a move is a server-side copy, and the copy appears whole or not at all. A writer
+killed mid-write leaves only a temporary, which ``remove_stale_temporaries`` deletes and every
+reader ignores (pyarrow datasets skip names starting with ".").
+
+Object stores need credentials the usual way (AWS_* variables, instance roles, ...). A custom
+endpoint (MinIO, a local test server) goes into the URI:
+``s3://bucket/exp?endpoint_override=127.0.0.1:9000&scheme=http``.
+
+Two things cannot be written in place on an object store and are staged on local disk instead:
+TensorBoard event files (appended to by the writer; uploaded after every epoch) and the Optuna
+journal (a file-locked log; downloaded before a search, uploaded after every trial).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from .errors import ConfigError
+
+TEMP_SUFFIX = ".tmp"
+
+
+class Storage:
+    """Paths and atomic file I/O inside one experiment folder (a local path or a URI)."""
+
+    def __init__(self, root):
+        root = os.fspath(root)
+        self.scheme = urlparse(root).scheme if "://" in root else ""
+        if not self.scheme or self.scheme == "file":
+            path = urlparse(root).path if self.scheme else root
+            self.fs, self.base = pafs.LocalFileSystem(), os.path.abspath(path)
+            self.root, self.scheme = self.base, ""
+        else:
+            try:
+                self.fs, base = pafs.FileSystem.from_uri(root)
+            except (pa.ArrowException, OSError, ValueError) as e:
+                raise ConfigError("storage", f"cannot open {root!r}: {_first_line(e)} (use a local path or a URI such as "
+                                             "s3://bucket/prefix, gs://bucket/prefix, file:///abs/path)") from None
+            self.base, self.root = base.rstrip("/"), root
+        self._made: set[str] = set()
+
+    def __repr__(self):
+        return f"Storage({self.root!r})"
+
+    def __reduce__(self):  # rebuilt from its root wherever it is unpickled (Ray workers, other nodes)
+        return (Storage, (self.root,))
+
+    @property
+    def local(self) -> bool:
+        return not self.scheme
+
+    # ------------------------------------------------------------------ paths (file-system paths, not URIs)
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.base, *parts) if self.local else posixpath.join(self.base, *parts)
+
+    def url(self, path: str) -> str:
+        """What to show a user for a path: the local path, or scheme://path."""
+        return path if self.local else f"{self.scheme}://{path}"
+
+    def model(self, key):
+        return self.path("models", f"{key}.pt")
+
+    def record(self, key):
+        return self.path("records", f"{key}.json")
+
+    def logits(self, teacher_key, mode, ext="npy"):
+        return self.path("logits", f"{teacher_key}-{mode}.{ext}")
+
+    def attack_file(self, job):
+        return self.path("results", "attacks", f"dataset={job.dataset}", f"attack={job.attack}", f"{job.key}.parquet")
+
+    def tensorboard(self, key):
+        return self.path("tensorboard", key)
+
+    def check_reachable(self) -> None:
+        """A one-line ConfigError when the storage cannot be used: no such bucket, no credentials, ..."""
+        try:
+            if not self.local:
+                top = self.base.split("/")[0]
+                if self._type(top) == pafs.FileType.NotFound:
+                    raise ConfigError("storage", f"{self.scheme}://{top} does not exist (or these credentials "
+                                                 f"cannot see it); create it first: {self.root}")
+            self._type(self.base)
+        except (OSError, pa.ArrowException) as e:
+            raise ConfigError("storage", f"cannot reach {self.root}: {_first_line(e)}") from None
+
+    # ------------------------------------------------------------------ file I/O
+
+    def _type(self, path):
+        return self.fs.get_file_info(path).type
+
+    def exists(self, path) -> bool:
+        return self._type(path) != pafs.FileType.NotFound
+
+    def isdir(self, path) -> bool:
+        return self._type(path) == pafs.FileType.Directory
+
+    def read_bytes(self, path) -> bytes | None:
+        """The file's bytes, or None when there is no such file."""
+        if self._type(path) != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def read_json(self, path):
+        data = self.read_bytes(path)
+        return None if data is None else json.loads(data)
+
+    def makedirs(self, path) -> None:
+        if path not in self._made:
+            self.fs.create_dir(path, recursive=True)
+            self._made.add(path)
+
+    def temporary(self, path) -> str:
+        folder, name = posixpath.split(path) if not self.local else os.path.split(path)
+        tmp = f".{name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        return os.path.join(folder, tmp) if self.local else posixpath.join(folder, tmp)
+
+    def write_bytes(self, path, data: bytes) -> None:
+        """Writes the file atomically: a temporary in the same folder, then a move onto the final name."""
+        folder = os.path.dirname(path) if self.local else posixpath.dirname(path)
+        self.makedirs(folder)
+        tmp = self.temporary(path)
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, path)
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except (OSError, pa.ArrowException):
+                pass
+            raise
+
+    def write_json(self, obj, path) -> None:
+        self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def write_text(self, text: str, path) -> None:
+        self.write_bytes(path, text.encode())
+
+    def delete(self, path) -> None:
+        self.fs.delete_file(path)
+
+    def files(self, folder, *, recursive=False) -> list[str]:
+        """Paths of the files in a folder (none when it does not exist), sorted."""
+        infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True, recursive=recursive))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+    # ------------------------------------------------------------------ the experiment's records
+
+    def read_record(self, key) -> dict | None:
+        return self.read_json(self.record(key))
+
+    def write_record(self, key, rec: dict) -> None:
+        self.write_json(rec, self.record(key))
+
+    def done(self, job) -> bool:
+        rec = self.read_record(job.key)
+        return rec is not None and rec.get("status") == "done" and self.exists(self.model(job.key))
+
+    def records(self) -> list[dict]:
+        out = []
+        for path in self.files(self.path("records")):
+            name = posixpath.basename(path)
+            if name.endswith(".json") and not name.startswith("."):
+                rec = self.read_json(path)
+                if rec is not None:
+                    out.append(rec)
+        return out
+
+    def check_settings(self, settings, *, create: bool) -> None:
+        """Refuses a folder made with other scale settings (their results would mix)."""
+        mine = settings.to_dict()
+        theirs = self.read_json(self.path("settings.json"))
+        if theirs is not None:
+            if theirs != mine:
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise ConfigError("storage", f"{self.root} was made with other settings ({', '.join(diff)} differ); "
+                                             "use another --storage or the same options")
+        elif create:
+            self.write_json(mine, self.path("settings.json"))
+
+    def remove_stale_temporaries(self) -> int:
+        """Deletes temporaries left by killed writers (never under a final name); Tune's folder is Tune's."""
+        n = 0
+        for path in self.files(self.base, recursive=True):
+            rel = path[len(self.base):].lstrip("/" + os.sep)
+            name = posixpath.basename(path) if not self.local else os.path.basename(path)
+            if not rel.startswith("tune") and name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                self.delete(path)
+                n += 1
+        return n
+
+    # ------------------------------------------------------------------ local staging (remote storage only)
+
+    def staging(self, *parts) -> str:
+        """A local folder that stands in for a remote path (TensorBoard, the Optuna journal)."""
+        tag = hashlib.sha1(self.root.encode()).hexdigest()[:12]
+        return os.path.join(tempfile.gettempdir(), "nodekd-staging", tag, *parts)
+
+    def upload_tree(self, local_dir: str, path: str) -> int:
+        """Copies every file under local_dir to path/..., each atomically; returns the count."""
+        n = 0
+        for dirpath, _, names in os.walk(local_dir):
+            for name in names:
+                rel = os.path.relpath(os.path.join(dirpath, name), local_dir)
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    self.write_bytes(posixpath.join(path, *rel.split(os.sep)), f.read())
+                n += 1
+        return n
+
+    def download(self, path, local_path: str) -> bool:
+        data = self.read_bytes(path)
+        if data is None:
+            return False
+        os.makedirs(os.path.dirname(local_path), exist_ok=True)
+        tmp = local_path + ".download" + TEMP_SUFFIX
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local_path)
+        return True
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

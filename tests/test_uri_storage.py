@@ -1,0 +1,246 @@
+"""--storage as a URI: an S3 bucket served by a local moto server (the real S3 protocol, through
+pyarrow's S3 file system, as on a cluster). Ray-free work functions against the same run on local
+disk, the Optuna journal's round trip, bad URIs, and a sweep script end to end on a local Ray
+instance with a trial retried from its S3 checkpoint and an attack killed mid-write."""
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from nodekd_ray import report as R
+from nodekd_ray import sweep as S
+from nodekd_ray.errors import ConfigError
+from nodekd_ray.storage import Storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+TINY = S.Settings(teacher={"epochs": 2, "batch_size": 64}, student={"epochs": 2, "batch_size": 64, "width": 8,
+                                                                     "stem_channels": 8},
+                  attack_images=40, attack_batch_size=40)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A function returning a fresh s3:// URI (a new prefix in one bucket) on a local S3 server."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="nodekd")
+
+    def uri(bucket="nodekd"):
+        return f"s3://{bucket}/exp-{uuid.uuid4().hex[:8]}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+
+    yield uri
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_files_are_atomic_on_s3(s3):
+    st = Storage(s3())
+    assert not st.local and st.root.startswith("s3://nodekd/exp-") and st.base.startswith("nodekd/exp-")
+    st.check_reachable()
+    st.write_json({"a": 1}, st.record("k"))
+    assert st.read_json(st.record("k")) == {"a": 1} and st.records() == [{"a": 1}]
+    assert st.read_bytes(st.record("missing")) is None and not st.exists(st.model("k"))
+    st.write_bytes(st.model("k"), b"x" * 10)
+    st.write_bytes(st.model("k"), b"y" * 5)  # replaces, as a rename does
+    assert st.read_bytes(st.model("k")) == b"yyyyy"
+    assert st.url(st.model("k")) == f"s3://{st.base}/models/k.pt"
+
+    # a failed move leaves neither the final name nor the temporary
+    class Broken:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def move(self, src, dst):
+            raise OSError("network down")
+
+    real, st.fs = st.fs, Broken(st.fs)
+    with pytest.raises(OSError, match="network down"):
+        st.write_bytes(st.model("broken"), b"z")
+    st.fs = real
+    assert st.files(st.path("models")) == [st.model("k")]
+
+    # temporaries of killed writers are swept up; Tune's own folder is left alone
+    with st.fs.open_output_stream(st.temporary(st.model("k2"))) as f:
+        f.write(b"half")
+    st.write_bytes(st.path("tune", ".x.tmp"), b"tune's")
+    assert st.remove_stale_temporaries() == 1
+    assert [os.path.basename(p) for p in st.files(st.path("models"))] == ["k.pt"]
+    assert st.exists(st.path("tune", ".x.tmp"))
+    # Storage objects travel to Ray workers by their root and rebuild the same file system
+    import pickle
+
+    again = pickle.loads(pickle.dumps(st))
+    assert again.root == st.root and again.read_bytes(st.model("k")) == b"yyyyy"
+
+
+def test_bad_storage_uris_are_one_line_errors(s3, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        Storage("nosuch://bucket/x")
+    assert e.value.field == "storage" and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="storage: .*does not exist") as e:
+        Storage(s3(bucket="no-such-bucket")).check_reachable()
+    assert "\n" not in str(e.value)
+    # file:// URIs are local folders
+    st = Storage(f"file://{tmp_path}/exp")
+    assert st.local and st.root == f"{tmp_path}/exp"
+    # through a sweep script: exit 2, one line, before Ray starts
+    for bad in ("nosuch://bucket/x", s3(bucket="no-such-bucket")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "sweeps", "table2.py"), "--storage", bad],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+        assert r.returncode == 2 and r.stderr.startswith("table2.py: error: storage: "), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _run_jobs(st, data):
+    tj = S.TeacherJob("synthetic", "resnet20")
+    S.run_training(tj, TINY, st, data)
+    table = S.logit_table(tj, "paper", TINY, st, data)
+    kd = S.StudentJob("synthetic", 1.0, 0, "resnet20", 3.0, 0.9, "paper")
+    S.run_training(kd, TINY, st, data, table=table)
+    S.run_attack(S.AttackJob(kd.key, "synthetic", "pgd", (0.0, 8.0)), TINY, st, data[1])
+    S.run_attack(S.AttackJob(tj.key, "synthetic", "mifgsm", (4.0,)), TINY, st, data[1])
+    return tj, kd, table
+
+
+def test_the_work_functions_give_the_same_results_on_s3_as_on_local_disk(s3, tmp_path, synthetic):
+    data = (synthetic[0].take(128), synthetic[1].take(64))
+    local, remote = Storage(tmp_path / "local"), Storage(s3())
+    tj, kd, table = _run_jobs(local, data)
+    _, _, table_s3 = _run_jobs(remote, data)
+    assert np.array_equal(table, table_s3)
+    assert np.array_equal(np.load(io.BytesIO(remote.read_bytes(remote.logits(tj.key, "paper")))), table)
+    for key in (tj.key, kd.key):
+        a = torch.load(local.model(key), weights_only=True)["state_dict"]
+        b = torch.load(io.BytesIO(remote.read_bytes(remote.model(key))), weights_only=True)["state_dict"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ra, rb = local.read_record(key), remote.read_record(key)
+        assert rb["status"] == "done" and rb["history"] == [{**h, "seconds": hb["seconds"]}
+                                                            for h, hb in zip(ra["history"], rb["history"])]
+    # a cached table is read back from S3, not recomputed
+    assert np.array_equal(S.logit_table(tj, "paper", TINY, remote, data), table)
+    # attack Parquet: same rows (timings aside), read through the hive-partitioned data set on S3
+    drop = ("seconds", "task_seconds")
+
+    def rows(st):
+        return sorted(({k: v for k, v in r.items() if k not in drop} for r in S.read_attacks(st).to_pylist()),
+                      key=lambda r: (r["model_key"], r["eps_255"]))
+
+    assert len(rows(remote)) == 3 and rows(remote) == rows(local)
+    # TensorBoard: every epoch's scalars and the hyperparameters were uploaded
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    down = tmp_path / "tb"
+    for path in remote.files(remote.tensorboard(kd.key), recursive=True):
+        rel = path[len(remote.tensorboard(kd.key)) + 1:]
+        assert remote.download(path, str(down / rel))
+    ev = EventAccumulator(str(down))
+    ev.Reload()
+    assert len(ev.Scalars("node1-kd/test_accuracy")) == 2
+    hp = EventAccumulator(str(down / "hparams"))
+    hp.Reload()
+    assert "hparam/test_accuracy" in hp.Tags()["scalars"]
+    # the report reads records and Parquet from S3 and writes there
+    paths = R.write_report(remote.root)
+    assert paths["Figure 1"] == remote.url(remote.path("report", "figure1.png"))
+    assert remote.read_bytes(remote.path("report", "figure1.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+    assert remote.read_bytes(remote.path("report", "table2.md")) == open(R.write_report(str(local.root))["Table 2"],
+                                                                          "rb").read()
+    assert not os.path.exists(os.path.join(ROOT, "s3:")) and not os.path.exists("s3:")  # nothing written locally
+
+
+def test_the_optuna_journal_survives_on_s3(s3):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from nodekd_ray.orchestration import _JournalSync
+
+    st = Storage(s3())
+    sync = _JournalSync(st)
+    assert sync.url == f"s3://{st.base}/optuna.journal" and not sync.local.startswith(st.base)
+    study = optuna.create_study(study_name="s", storage=JournalStorage(JournalFileBackend(sync.local)))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    sync.upload()
+    os.remove(sync.local)  # another machine: only the storage has the journal
+    again = _JournalSync(st)
+    study = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(again.local)))
+    assert len(study.trials) == 2
+    # a stale local copy never wins over the storage's journal
+    other = Storage(s3())
+    with open(_JournalSync(other).local, "w") as f:
+        f.write("stale")
+    assert not os.path.exists(_JournalSync(other).local)
+
+
+def test_a_sweep_on_s3_retries_from_its_s3_checkpoint_and_resumes(s3, tmp_path):
+    """figure1 on digits into s3://: teacher, NODE(1) and a KD student, PGD + MI-FGSM. The KD trial
+    raises after epoch 1 and Tune restores it from the checkpoint it synced to S3; an attack dies
+    mid-write; the --resume rerun writes only that file and trains nothing."""
+    uri = s3()
+    st = Storage(uri)
+    kd = "kd-digits-t1-resnet20-T3-lam0.9-s0"
+    killed = "node-digits-t1-s0-pgd-eps0-12"
+    args = ["--dataset", "digits", "--smoke-test", "--teachers", "resnet20", "--temperatures", "3", "--horizons", "1",
+            "--baseline-horizons", "1", "--epochs", "2", "--attack-images", "32", "--address", "local",
+            "--num-cpus", "2", "--storage", uri]
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               NODEKD_FAULTS=json.dumps({"raise_in_training": {"key": kd, "epoch": 1},
+                                         "kill_attack_write": {"key": killed}}))
+    cmd = [sys.executable, os.path.join(ROOT, "sweeps", "figure1.py"), *args]
+    r = subprocess.run(cmd + ["--attack-retries", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and f"FAILED attack {killed}" in out, out[-3000:]
+    rec = st.read_record(kd)
+    assert rec["status"] == "done" and rec["attempts"] == 2 and rec["started_from_epoch"] == [0, 1]
+    assert st.isdir(st.path("tune", "figure1-students")) and st.exists(st.path("tune", "figure1-students.jobs.json"))
+    ckpts = [p for p in st.files(st.path("tune", "figure1-students", kd), recursive=True) if p.endswith("state.pt")]
+    assert ckpts, "Tune kept no checkpoint of the retried trial on S3"
+    assert st.files(st.tensorboard(kd), recursive=True)
+    assert f"TensorBoard: tensorboard --logdir s3://{st.base}/tensorboard" in out
+    parquet = [p for p in st.files(st.path("results"), recursive=True) if p.endswith(".parquet")]
+    assert len(parquet) == 3 * 2 * 2 - 1 and not any(killed in p for p in parquet)  # 3 models x 2 attacks x 2 chunks
+    assert any(killed in p and os.path.basename(p).startswith(".") for p in st.files(st.path("results"), recursive=True))
+    assert os.listdir(tmp_path) == []  # nothing landed in the working directory
+
+    def mtime(p):
+        return st.fs.get_file_info(p).mtime
+
+    stamps = {p: mtime(p) for p in parquet}
+
+    env.pop("NODEKD_FAULTS")
+    r = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "removed 1 partial file(s)" in r.stdout
+    after = st.files(st.path("results"), recursive=True)
+    assert len(after) == 12 and set(parquet) < set(after) and not any("/." in p for p in after)
+    assert [p for p in after if p not in parquet][0].endswith(f"/{killed}.parquet")
+    assert all(mtime(p) == before for p, before in stamps.items())  # the others were not rewritten
+    assert {k: st.read_record(k)["attempts"] for k in (kd, "node-digits-t1-s0", "teacher-digits-resnet20-s0")} == \
+        {kd: 2, "node-digits-t1-s0": 1, "teacher-digits-resnet20-s0": 1}
+    rows = S.read_attacks(st).to_pylist()
+    keys = [(x["model_key"], x["attack"], x["eps_255"]) for x in rows]
+    assert len(rows) == 36 and len(set(keys)) == 36
+    assert all(0 <= x["robust_accuracy"] <= x["clean_accuracy"] <= 1 and x["n_images"] == 32 for x in rows)
+    assert st.read_bytes(st.path("report", "figure1.png"))[:4] == b"\x89PNG"
