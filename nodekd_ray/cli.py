@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tables 1-3 (Markdown, with the paper's numbers beside ours) and Figure 1 "
                                    "(PNG) from a sweep's trial records and Parquet files alone; written to "
                                    "RESULTS_DIR/report.")
-    r.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep's --storage folder")
+    r.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep's --storage folder or URI")
 
     d = sub.add_parser("download", help="fetch cifar10/svhn into a data root once (file-locked)",
                        description="Download CIFAR10 and/or SVHN through torchvision into --data-root, once: "

@@ -385,8 +385,9 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn")) -> argp
                     help="tiny models (NODE width 16), 5 teacher / 3 student epochs, 1024 training and 64 "
                          "attacked images, eps 0,4,..,20/255")
     ap.add_argument("--storage", default=os.environ.get("NODEKD_STORAGE"),
-                    help="experiment folder (a shared path on a multi-node cluster); default $NODEKD_STORAGE, "
-                         "else runs/nodekd, or runs/nodekd-smoke with --smoke-test")
+                    help="experiment folder: a local path, a shared mount, or a URI (s3://bucket/prefix, "
+                         "gs://..., file://...); default $NODEKD_STORAGE, else runs/nodekd, or runs/nodekd-smoke "
+                         "with --smoke-test")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --storage")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per trial")
     ap.add_argument("--teachers", nargs="+", default=None, metavar="ARCH", help="override the sweep's teachers")

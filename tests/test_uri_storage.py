@@ -244,3 +244,22 @@ def test_a_sweep_on_s3_retries_from_its_s3_checkpoint_and_resumes(s3, tmp_path):
     assert len(rows) == 36 and len(set(keys)) == 36
     assert all(0 <= x["robust_accuracy"] <= x["clean_accuracy"] <= 1 and x["n_images"] == 32 for x in rows)
     assert st.read_bytes(st.path("report", "figure1.png"))[:4] == b"\x89PNG"
+
+
+def test_the_lambda_T_search_continues_its_study_from_s3(s3, tmp_path):
+    uri = s3()
+    cmd = [sys.executable, os.path.join(ROOT, "sweeps", "search_lambda_T.py"), "--dataset", "digits", "--smoke-test",
+           "--teacher", "resnet20", "--epochs", "1", "--address", "local", "--num-cpus", "2", "--storage", uri]
+    r = subprocess.run(cmd + ["--num-samples", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    st = Storage(uri)
+    assert st.exists(st.path("optuna.journal")) and "over 1 trials" in r.stdout
+    from nodekd_ray.orchestration import _JournalSync
+
+    os.remove(_JournalSync(st).local)  # as on a fresh head node: the study must come from S3
+    r = subprocess.run(cmd + ["--num-samples", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "1 finished trials" in r.stdout and "1 to run" in r.stdout and "over 2 trials" in r.stdout
+    best = st.read_json(st.path("lam-T-digits-resnet20-t1-paper.json"))
+    assert best["trials"] == 2 and best["journal"] == f"s3://{st.base}/optuna.journal"
+    assert os.listdir(tmp_path) == []
