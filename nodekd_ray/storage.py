@@ -176,7 +176,7 @@ class Storage:
     def records(self) -> list[dict]:
         out = []
         for path in self.files(self.path("records")):
-            name = posixpath.basename(path)
+            name = _base_name(path)
             if name.endswith(".json") and not name.startswith("."):
                 rec = self.read_json(path)
                 if rec is not None:
@@ -197,14 +197,15 @@ class Storage:
 
     def remove_stale_temporaries(self) -> int:
         """Deletes temporaries left by killed writers (never under a final name); Tune's folder is Tune's."""
-        n = 0
-        for path in self.files(self.base, recursive=True):
-            rel = path[len(self.base):].lstrip("/" + os.sep)
-            name = posixpath.basename(path) if not self.local else os.path.basename(path)
-            if not rel.startswith("tune") and name.startswith(".") and name.endswith(TEMP_SUFFIX):
-                self.delete(path)
-                n += 1
-        return n
+        top = self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
+        paths = [i.path for i in top if i.type == pafs.FileType.File]
+        for i in top:
+            if i.type == pafs.FileType.Directory and i.base_name != "tune":
+                paths += self.files(i.path, recursive=True)
+        stale = [p for p in paths if _base_name(p).startswith(".") and p.endswith(TEMP_SUFFIX)]
+        for p in stale:
+            self.delete(p)
+        return len(stale)
 
     # ------------------------------------------------------------------ local staging (remote storage only)
 
@@ -239,3 +240,7 @@ class Storage:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _base_name(path: str) -> str:
+    return path.replace(os.sep, "/").rsplit("/", 1)[-1]

@@ -11,7 +11,6 @@ Checkpoints are kept in --out; a rerun reuses every finished one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
