@@ -1,3 +1,6 @@
+import os
+import uuid
+
 import pytest
 import torch
 
@@ -18,3 +21,32 @@ def synthetic():
 @pytest.fixture
 def tiny_node_cfg():
     return NODEConfig(**TINY_NODE)
+
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A function returning a fresh s3:// URI (a new prefix in one bucket) on a local S3 server."""
+    import boto3
+    from moto import server as moto_server
+
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="nodekd")
+
+    def uri(bucket="nodekd"):
+        return f"s3://{bucket}/exp-{uuid.uuid4().hex[:8]}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+
+    yield uri
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -103,8 +103,9 @@ def test_tiny_grid_end_to_end_with_faults(tmp_path):
     assert not any(name.endswith(".tmp") for name in attack_files(str(store)))  # stale partial file removed
 
 
-def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path):
-    store = tmp_path / "store"
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path, where, request):
+    store = tmp_path / "store" if where == "local" else request.getfixturevalue("s3")()
     p = sweep("table2.py", store, "--temperatures", "3", "10", "20", "--max-concurrent", "1", wait=False)
     st = S.Storage(str(store))
     deadline = time.time() + 600
@@ -126,6 +127,7 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = sweep("table2.py", store, "--temperatures", "3", "10", "20", "--resume")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "table2-students: resuming the Tune experiment in " in r.stdout  # restored, not started afresh
     recs = {x["key"]: x for x in st.records()}
     assert sorted(k for k, x in recs.items() if x["kind"] == "node_kd" and x["status"] == "done") == sorted(
         f"kd-digits-t1-resnet20-T{T}-lam0.9-s0" for T in (3, 10, 20))
@@ -140,7 +142,7 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path):
     new = "kd-digits-t1-resnet20-T5-lam0.9-s0"
     assert recs[new]["status"] == "done" and recs[new]["attempts"] == 1
     assert {k: x["attempts"] for k, x in recs.items() if k != new} == attempts
-    assert os.path.isdir(store / "tune" / "table2-students-2")
+    assert st.isdir(st.path("tune", "table2-students-2"))
 
 
 @pytest.mark.parametrize("args, field", [

@@ -1,5 +1,5 @@
 """--storage as a URI: an S3 bucket served by a local moto server (the real S3 protocol, through
-pyarrow's S3 file system, as on a cluster). Ray-free work functions against the same run on local
+pyarrow's S3 file system, as on a cluster; the s3 fixture is in conftest.py). Ray-free work functions against the same run on local
 disk, the Optuna journal's round trip, bad URIs, and a sweep script end to end on a local Ray
 instance with a trial retried from its S3 checkpoint and an attack killed mid-write."""
 import io
@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
@@ -19,36 +18,9 @@ from nodekd_ray.errors import ConfigError
 from nodekd_ray.storage import Storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_EC2_METADATA_DISABLED": "true"}
 TINY = S.Settings(teacher={"epochs": 2, "batch_size": 64}, student={"epochs": 2, "batch_size": 64, "width": 8,
                                                                      "stem_channels": 8},
                   attack_images=40, attack_batch_size=40)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A function returning a fresh s3:// URI (a new prefix in one bucket) on a local S3 server."""
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="nodekd")
-
-    def uri(bucket="nodekd"):
-        return f"s3://{bucket}/exp-{uuid.uuid4().hex[:8]}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-
-    yield uri
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_files_are_atomic_on_s3(s3):
