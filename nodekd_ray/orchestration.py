@@ -175,7 +175,7 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
     sweep_name = "+".join(s.name for s in specs)
     for stage in STAGES:
         if _experiments(storage, f"{sweep_name}-{stage}") and not resume and _unfinished(storage, p, stage):
-            raise ConfigError("resume", f"{storage.root} holds unfinished trials of the '{sweep_name}' sweep "
+            raise ConfigError("resume", f"{storage.name} holds unfinished trials of the '{sweep_name}' sweep "
                                         "(interrupted or failed); rerun with --resume to continue it, or use "
                                         "another --storage")
     storage.check_settings(settings, create=False)
@@ -191,7 +191,7 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     res = {"cpu": resources.cpus_per_trial, "gpu": gpus}
     t_start = time.perf_counter()
-    summary = {"storage": storage.root, "tensorboard": storage.url(storage.path("tensorboard")), "failed": {},
+    summary = {"storage": storage.name, "tensorboard": storage.url(storage.path("tensorboard")), "failed": {},
                "seconds": {}}
 
     # 1. data: once per data set, into the object store
@@ -214,7 +214,7 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
     try:  # only now: a missing data file leaves nothing behind
         storage.check_settings(settings, create=True)
     except OSError as e:  # e.g. a read-only folder, credentials that may read but not write
-        raise ConfigError("storage", f"cannot write to {storage.root}: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError("storage", f"cannot write to {storage.name}: {str(e).strip().splitlines()[0]}") from None
 
     common = dict(data_refs=data_refs, settings=settings.to_dict(), storage_root=storage.root)
 
@@ -295,7 +295,7 @@ def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> Non
 
     todo = [j for j in jobs if not storage.done(j)]
     if len(todo) < len(jobs):
-        log(f"{name}: {len(jobs) - len(todo)} of {len(jobs)} trials already finished in {storage.root}")
+        log(f"{name}: {len(jobs) - len(todo)} of {len(jobs)} trials already finished in {storage.name}")
     trainable = tune.with_resources(tune.with_parameters(train_trial, **params), res)
     existing = _experiments(storage, name)
     errored: set[str] = set()

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import tempfile
 import uuid
 from urllib.parse import urlparse
@@ -48,13 +49,13 @@ class Storage:
             try:
                 self.fs, base = pafs.FileSystem.from_uri(root)
             except (pa.ArrowException, OSError, ValueError) as e:
-                raise ConfigError("storage", f"cannot open {root!r}: {_first_line(e)} (use a local path or a URI such as "
+                raise ConfigError("storage", f"cannot open {redact(root)!r}: {_first_line(e)} (use a local path or a URI such as "
                                              "s3://bucket/prefix, gs://bucket/prefix, file:///abs/path)") from None
             self.base, self.root = base.rstrip("/"), root
         self._made: set[str] = set()
 
     def __repr__(self):
-        return f"Storage({self.root!r})"
+        return f"Storage({self.name!r})"
 
     def __reduce__(self):  # rebuilt from its root wherever it is unpickled (Ray workers, other nodes)
         return (Storage, (self.root,))
@@ -62,6 +63,11 @@ class Storage:
     @property
     def local(self) -> bool:
         return not self.scheme
+
+    @property
+    def name(self) -> str:
+        """The root as shown to users: credentials in the URI's query are masked."""
+        return redact(self.root)
 
     # ------------------------------------------------------------------ paths (file-system paths, not URIs)
 
@@ -94,10 +100,10 @@ class Storage:
                 top = self.base.split("/")[0]
                 if self._type(top) == pafs.FileType.NotFound:
                     raise ConfigError("storage", f"{self.scheme}://{top} does not exist (or these credentials "
-                                                 f"cannot see it); create it first: {self.root}")
+                                                 f"cannot see it); create it first: {self.name}")
             self._type(self.base)
         except (OSError, pa.ArrowException) as e:
-            raise ConfigError("storage", f"cannot reach {self.root}: {_first_line(e)}") from None
+            raise ConfigError("storage", f"cannot reach {self.name}: {_first_line(e)}") from None
 
     # ------------------------------------------------------------------ file I/O
 
@@ -190,7 +196,7 @@ class Storage:
         if theirs is not None:
             if theirs != mine:
                 diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-                raise ConfigError("storage", f"{self.root} was made with other settings ({', '.join(diff)} differ); "
+                raise ConfigError("storage", f"{self.name} was made with other settings ({', '.join(diff)} differ); "
                                              "use another --storage or the same options")
         elif create:
             self.write_json(mine, self.path("settings.json"))
@@ -244,3 +250,11 @@ def _first_line(e: BaseException) -> str:
 
 def _base_name(path: str) -> str:
     return path.replace(os.sep, "/").rsplit("/", 1)[-1]
+
+
+_SECRET = re.compile(r"((?:access_key|secret_key|session_token|credentials_[a-z_]*|token)=)[^&]*", re.I)
+
+
+def redact(uri: str) -> str:
+    """A URI with the values of credential query parameters replaced by ***."""
+    return _SECRET.sub(r"\1***", uri)

@@ -73,6 +73,10 @@ def test_bad_storage_uris_are_one_line_errors(s3, tmp_path):
     with pytest.raises(ConfigError, match="storage: .*does not exist") as e:
         Storage(s3(bucket="no-such-bucket")).check_reachable()
     assert "\n" not in str(e.value)
+    # credentials in a URI never reach a message
+    with pytest.raises(ConfigError, match="storage: ") as e:
+        Storage(s3() + "&access_key=test&secret_key=SECRET-VALUE").check_reachable()
+    assert "SECRET-VALUE" not in str(e.value) and "secret_key=***" in str(e.value)
     # file:// URIs are local folders
     st = Storage(f"file://{tmp_path}/exp")
     assert st.local and st.root == f"{tmp_path}/exp"
