@@ -220,14 +220,24 @@ class Storage:
         tag = hashlib.sha1(self.root.encode()).hexdigest()[:12]
         return os.path.join(tempfile.gettempdir(), "nodekd-staging", tag, *parts)
 
-    def upload_tree(self, local_dir: str, path: str) -> int:
-        """Copies every file under local_dir to path/..., each atomically; returns the count."""
+    def upload_tree(self, local_dir: str, path: str, sent: dict | None = None) -> int:
+        """Copies the files under local_dir to path/..., each atomically; returns the count.
+
+        sent: {local file: size when uploaded}, updated here; files whose size has not changed
+        since are skipped (event files only ever grow).
+        """
         n = 0
         for dirpath, _, names in os.walk(local_dir):
             for name in names:
-                rel = os.path.relpath(os.path.join(dirpath, name), local_dir)
-                with open(os.path.join(dirpath, name), "rb") as f:
+                src = os.path.join(dirpath, name)
+                size = os.path.getsize(src)
+                if sent is not None and sent.get(src) == size:
+                    continue
+                rel = os.path.relpath(src, local_dir)
+                with open(src, "rb") as f:
                     self.write_bytes(posixpath.join(path, *rel.split(os.sep)), f.read())
+                if sent is not None:
+                    sent[src] = size
                 n += 1
         return n
 

@@ -332,10 +332,11 @@ class _TensorBoardDir:
     def __init__(self, storage: Storage, key: str):
         self.storage, self.remote = storage, storage.tensorboard(key)
         self.local = self.remote if storage.local else storage.staging("tensorboard", key)
+        self.sent: dict[str, int] = {}
 
     def sync(self) -> None:
         if not self.storage.local and os.path.isdir(self.local):
-            self.storage.upload_tree(self.local, self.remote)
+            self.storage.upload_tree(self.local, self.remote, self.sent)
 
 
 def _base_record(job, cfg) -> dict:
