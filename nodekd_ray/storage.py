@@ -133,14 +133,14 @@ class Storage:
             self._made.add(path)
 
     def temporary(self, path) -> str:
-        folder, name = posixpath.split(path) if not self.local else os.path.split(path)
+        """A fresh temporary name in path's folder (that folder is created)."""
+        folder, name = os.path.split(path) if self.local else posixpath.split(path)
+        self.makedirs(folder)
         tmp = f".{name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
         return os.path.join(folder, tmp) if self.local else posixpath.join(folder, tmp)
 
     def write_bytes(self, path, data: bytes) -> None:
         """Writes the file atomically: a temporary in the same folder, then a move onto the final name."""
-        folder = os.path.dirname(path) if self.local else posixpath.dirname(path)
-        self.makedirs(folder)
         tmp = self.temporary(path)
         try:
             with self.fs.open_output_stream(tmp) as f:

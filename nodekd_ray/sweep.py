@@ -506,7 +506,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 def _die_mid_write(storage: Storage, data: bytes, out: str) -> None:
     """Fault injection: the process dies with half a file written under a temporary name."""
-    storage.makedirs(os.path.dirname(out) if storage.local else out.rsplit("/", 1)[0])
     with storage.fs.open_output_stream(storage.temporary(out)) as f:
         f.write(data[: len(data) // 2])
     os._exit(17)
