@@ -28,7 +28,7 @@ def main():
     import ray
     from ray import tune
 
-    from nodekd_ray import orchestration as O
+    from nodekd_ray.orchestration import driver as O
     from nodekd_ray import sweep as S
     from nodekd_ray.kd import compute_logit_table
     from nodekd_ray.models import load_checkpoint

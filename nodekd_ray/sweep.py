@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ import pyarrow as pa
 
 from .attacks import ATTACKS, attack_sweep
 from .data import DATASETS, ImageSet
+from .devices import describe_device, placement_device
 from .errors import ConfigError, check_choice, check_range
 from .kd import LOGIT_MODES, compute_logit_table, validate_kd
 from .models import RESNET_DEPTHS, NODEConfig, ODESolveError, checkpoint_state, load_checkpoint
@@ -202,6 +204,74 @@ def plan(specs, *, eps_per_task: int = 4) -> Plan:
     return p
 
 
+# ----------------------------------------------------------------------------- expected cost and order
+
+# Training-set sizes, for the cost estimate only (the sweep reads the real data).
+TRAIN_SIZES = {"cifar10": 50_000, "svhn": 73_257, "digits": 1_437, "synthetic": 512}
+RESNET_GFLOP = 0.041 / 18          # per image and per layer pair: ResNet20 ~0.041 GFLOP, ResNet110 ~0.25
+NODE_GFLOP_512 = 1.2               # one ODE-function evaluation at width 512, 8x8 state (design notes)
+NFE_T1_1 = 26                      # forward evaluations of dopri5 at rtol 1e-3 for t1 = 1 (~4 steps)
+
+
+def node_nfe_guess(t1: float) -> float:
+    """Forward evaluations per solve: a guess that grows with log t1, to be replaced by measured
+    NFE (the records hold them). Only the order of jobs depends on it, never a result."""
+    return NFE_T1_1 * (1.0 + math.log10(max(float(t1), 1.0)))
+
+
+def expected_cost(job, settings: "Settings", model=None) -> float:
+    """Relative compute of a job (GFLOP): images seen x FLOP per image x 3 (forward + backward).
+
+    An attack job needs the job of the model it attacks (``model``): images x eps values x about
+    20 steps x 2. Used to order jobs longest-first and to print plans; never a result.
+    """
+    if isinstance(job, AttackJob):
+        n = settings.attack_images or 10_000
+        return 2.0 * 20 * n * len(job.eps_255) * (_per_image_gflop(model, settings) if model else 1.0)
+    images = job_config(job, settings).resolved_epochs() * _train_images(job, settings)
+    return 3.0 * images * _per_image_gflop(job, settings)
+
+
+def job_config(job, settings):
+    return (teacher_config if isinstance(job, TeacherJob) else student_config)(job, settings)
+
+
+def _train_images(job, settings) -> int:
+    limit = job_config(job, settings).limit_train
+    return min(limit or TRAIN_SIZES[job.dataset], TRAIN_SIZES[job.dataset])
+
+
+def _per_image_gflop(job, settings) -> float:
+    if isinstance(job, TeacherJob):
+        return RESNET_GFLOP * (RESNET_DEPTHS[job.arch] - 2)
+    return NODE_GFLOP_512 * (job_config(job, settings).node.width / 512) ** 2 * node_nfe_guess(job.t1)
+
+
+def longest_first(jobs, settings: "Settings", models: dict | None = None) -> list:
+    """Jobs in decreasing expected cost (stable for ties), the order a stage hands them to Tune.
+    models: key -> job, for attack jobs (their cost is their model's)."""
+    models = models or {}
+    return sorted(jobs, key=lambda j: -expected_cost(j, settings, models.get(getattr(j, "model_key", None))))
+
+
+def list_schedule(stages, workers: int) -> dict:
+    """Greedy list scheduling of stages of job costs on ``workers`` identical GPUs, each stage
+    starting when the previous one has finished (the sweep's barriers). Returns the makespan and
+    the fraction of GPU time left idle: an estimate for plans, not a measurement."""
+    if workers < 1:
+        raise ConfigError("workers", f"must be >= 1, got {workers}")
+    t = 0.0
+    busy = 0.0
+    for costs in stages:
+        free = [t] * workers
+        for c in costs:
+            i = min(range(workers), key=free.__getitem__)
+            free[i] += c
+            busy += c
+        t = max(free) if costs else t
+    return {"makespan": t, "idle_fraction": 1.0 - busy / (t * workers) if t else 0.0}
+
+
 # ----------------------------------------------------------------------------- settings
 
 
@@ -281,15 +351,18 @@ def _limited(data: tuple[ImageSet, ImageSet], cfg) -> tuple[ImageSet, ImageSet]:
 
 
 def logit_table(teacher_job: TeacherJob, mode: str, settings: Settings, storage: Storage,
-                data: tuple[ImageSet, ImageSet], *, device="auto") -> np.ndarray:
+                data: tuple[ImageSet, ImageSet], *, device="auto", held=None) -> np.ndarray:
     """The teacher's logit table over the students' training set, computed once and cached.
 
-    Its .json sidecar says how many teacher forwards made it; a cached table costs none.
+    Its .json sidecar says how many teacher forwards made it, on which device, holding which GPUs
+    (``held``: the scheduler's assignment; it decides the device, see devices.py); a cached table
+    costs none.
     """
     path = storage.logits(teacher_job.key, mode)
     cached = storage.read_bytes(path)
     if cached is not None:
         return np.load(io.BytesIO(cached))
+    device = placement_device(held) if held is not None else device
     probe = student_config(StudentJob(teacher_job.dataset, 1.0, teacher_job.seed, teacher_job.arch, 10.0, 0.9, mode),
                            settings, device=device)
     train, _ = _limited(data, probe)
@@ -303,7 +376,8 @@ def logit_table(teacher_job: TeacherJob, mode: str, settings: Settings, storage:
     storage.write_bytes(path, buf.getvalue())
     views = table.shape[1] if table.ndim == 3 else 1
     storage.write_json({"teacher": teacher_job.key, "mode": mode, "shape": list(table.shape),
-                        "teacher_forward_images": len(train) * views, "seconds": seconds},
+                        "teacher_forward_images": len(train) * views, "seconds": seconds,
+                        "device": describe_device(probe.torch_device()), **_held(held)},
                        storage.logits(teacher_job.key, mode, "json"))
     return table
 
@@ -349,24 +423,38 @@ def _base_record(job, cfg) -> dict:
     return d
 
 
+def _held(held) -> dict:
+    return {} if held is None else {"held_gpus": [str(g) for g in held]}
+
+
 def run_training(job, settings: Settings, storage: Storage, data, *, table=None, resume: dict | None = None,
-                 report=None, device="auto", log=None) -> dict:
+                 report=None, device="auto", held=None, log=None) -> dict:
     """Trains one teacher or student job to completion; the body of a Tune trial.
 
     resume: a state dict from a previous epoch (the trial's checkpoint). report(metrics, state)
     is called after every epoch. The record in records/{key}.json tracks attempts, the epoch each
     attempt started from, the history and, at the end, status "done" (with the model saved) or
     "failed" with the reason. An ODE solve failure is deterministic: later attempts fail at once.
+    held: the GPUs the scheduler assigned to this job (None: not scheduled; ``device`` as given).
+    The record stores them and the device the job actually computed on.
     """
     is_teacher = isinstance(job, TeacherJob)
     tb = _TensorBoardDir(storage, job.key)
-    cfg = (teacher_config if is_teacher else student_config)(job, settings, device=device, log_dir=tb.local)
     rec = storage.read_record(job.key) or {}
     if rec.get("status") == "failed" and rec.get("deterministic"):
         raise ODESolveError(f"{job.key} failed before (not retried): {rec.get('error')}")
+    try:
+        device = placement_device(held) if held is not None else device
+    except ConfigError as e:  # holds a GPU it cannot use: say so in the record, never fall back to the CPU
+        storage.write_record(job.key, {**rec, "key": job.key, "kind": job.kind, "dataset": job.dataset,
+                                       "seed": job.seed, "status": "failed", **_held(held),
+                                       "error": str(e)})
+        raise
+    cfg = (teacher_config if is_teacher else student_config)(job, settings, device=device, log_dir=tb.local)
     start = int(resume["epoch"]) if resume else 0
     rec = {**_base_record(job, cfg), "status": "running", "attempts": rec.get("attempts", 0) + 1,
-           "started_from_epoch": rec.get("started_from_epoch", []) + [start], "history": rec.get("history", [])}
+           "started_from_epoch": rec.get("started_from_epoch", []) + [start], "history": rec.get("history", []),
+           "device": describe_device(cfg.torch_device()), **_held(held)}
     storage.write_record(job.key, rec)
 
     def on_epoch(metrics, state):
@@ -453,6 +541,8 @@ _FILE_FIELDS = [
     pa.field("seconds", pa.float64()),         # wall time of this eps
     pa.field("task_seconds", pa.float64()),    # wall time of the whole task (model load, clean pass, all eps)
     pa.field("chunk", pa.string()),
+    pa.field("device", pa.string()),           # what the attack ran on: "cpu", "cuda NVIDIA A10G"
+    pa.field("held_gpus", pa.string()),        # GPU ids the scheduler assigned to the task ("" for none)
 ]
 # What each Parquet file holds; dataset and attack are the hive partition folders.
 ATTACK_FILE_SCHEMA = pa.schema(_FILE_FIELDS)
@@ -460,15 +550,20 @@ ATTACK_SCHEMA = pa.schema(_FILE_FIELDS + [pa.field("dataset", pa.string()), pa.f
 
 
 def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: ImageSet, *, device="auto",
-               seed: int = 0) -> str:
-    """Attacks one model at a chunk of eps values and writes one Parquet file atomically."""
+               held=None, seed: int = 0) -> str:
+    """Attacks one model at a chunk of eps values and writes one Parquet file atomically.
+
+    held: the GPUs the scheduler assigned to this task (None: not scheduled; ``device`` as given).
+    """
     import torch
 
     t0 = time.perf_counter()
     out = storage.attack_file(job)
     rec = storage.read_record(job.model_key) or {}
+    if held is not None:
+        device = placement_device(held)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, _ = load_model(storage, job.model_key)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     test = test.take(settings.attack_images)
     # PGD's random start is seeded by the chunk's first eps, so a rerun of a chunk repeats it exactly
     res = attack_sweep(model, test.images, test.labels, attack=job.attack, eps_list=[e / 255 for e in job.eps_255],
@@ -486,7 +581,8 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
             "n_clean_correct": int(res.clean_correct[m].sum()), "n_adv_correct": int(res.adv_correct[m].sum()),
             "clean_accuracy": float(res.clean_correct[m].mean()), "robust_accuracy": float(res.adv_correct[m].mean()),
             "nfe_per_image": float(res.nfe[m].mean()), "seconds": float(res.seconds[e255 / 255]),
-            "task_seconds": task_seconds, "chunk": job.key,
+            "task_seconds": task_seconds, "chunk": job.key, "device": describe_device(dev),
+            "held_gpus": ",".join(str(g) for g in held or ()),
         })
     table = pa.Table.from_pylist(rows, schema=ATTACK_FILE_SCHEMA)
     data = parquet_bytes(table)

@@ -19,6 +19,7 @@ if __name__ == "__main__":
     ap.add_argument("--T-range", nargs=2, type=float, default=(1.0, 30.0))
     args = ap.parse_args()
     try:
+        args.dataset = args.dataset or ["cifar10"]
         if len(args.dataset) != 1:
             raise ConfigError("dataset", "the search takes one data set")
         best = run_search(dataset=args.dataset[0], teacher=args.teacher, t1=args.t1, logits_mode=args.logits_mode,

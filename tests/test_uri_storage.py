@@ -150,7 +150,7 @@ def test_the_optuna_journal_survives_on_s3(s3):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from nodekd_ray.orchestration import _JournalSync
+    from nodekd_ray.orchestration.search import _JournalSync
 
     st = Storage(s3())
     sync = _JournalSync(st)
@@ -230,7 +230,7 @@ def test_the_lambda_T_search_continues_its_study_from_s3(s3, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     st = Storage(uri)
     assert st.exists(st.path("optuna.journal")) and "over 1 trials" in r.stdout
-    from nodekd_ray.orchestration import _JournalSync
+    from nodekd_ray.orchestration.search import _JournalSync
 
     os.remove(_JournalSync(st).local)  # as on a fresh head node: the study must come from S3
     r = subprocess.run(cmd + ["--num-samples", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=900)

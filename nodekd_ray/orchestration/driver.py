@@ -1,0 +1,479 @@
+"""The sweep driver: connects to Ray, runs the stages, collects failures.
+
+Pipeline (sweep.py names the jobs and does their work; this module schedules it):
+  1. data      one Ray task per data set reads it (a file lock guards downloads on each node)
+               and returns it as numpy arrays into the object store; trials get references.
+  2. teachers  a Ray Tune grid of the ResNet teachers, longest expected first
+               (sweep.longest_first), checkpointed every epoch: the short stage (see stages()).
+  3. logits    one Ray task per (teacher, logits mode) computes the table once; its result
+               lives in the object store and reaches every student trial by reference through
+               tune.with_parameters (read-only, zero-copy on the CPU). Student trials never load a
+               teacher in "paper"/"views" mode; their teacher_forwards metric stays 0. A failed
+               logits task ends its students at once, with the teacher and the cause.
+  4. students  a Ray Tune grid of every NODE student, KD or not, longest expected first (NODE(500)
+               starts first, not last), checkpointed every epoch (tune.report + tune.Checkpoint), retried from the last checkpoint up to
+               FailureConfig(max_failures) times.
+  5. attacks   one Ray task per (model, attack, eps chunk), each writing one Parquet file
+               atomically into a hive-partitioned data set (sweep.ATTACK_SCHEMA).
+  6. report    Markdown tables and the figure, from the Parquet files and trial records alone.
+
+GPUs: every trial and task asks Ray for ``gpus_per_trial`` GPUs, 1 by default on a cluster even
+before a GPU node is up, so that the autoscaler starts GPU workers (see gpu_request). Inside a job
+the device follows what Ray assigned (devices.placement_device), and records and Parquet rows
+store the GPUs held and the device used.
+
+Rerunning a sweep skips every job whose output exists; ``--resume`` continues an interrupted
+Tune experiment (finished trials are not rerun, unfinished ones restart from their checkpoints).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+from ..data import ImageSet, load_dataset
+from ..devices import LOGICAL_GPUS_ENV
+from ..errors import ConfigError
+from ..sweep import (AttackJob, Settings, Storage, StudentJob, TeacherJob, logit_table, longest_first, plan,
+                     run_attack, run_training)
+
+FORWARDED_ENV = ("NODEKD_FAULTS", LOGICAL_GPUS_ENV)   # reach every Ray worker through runtime_env
+
+
+# ----------------------------------------------------------------------------- data in the object store
+
+
+def _to_numpy(s: ImageSet) -> dict:
+    return {"images": s.images.numpy(), "labels": s.labels.numpy(), "num_classes": s.num_classes, "name": s.name}
+
+
+def _from_numpy(d: dict) -> ImageSet:
+    import torch
+
+    with warnings.catch_warnings():  # read-only object-store memory, never written to
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return ImageSet(torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]), d["num_classes"], d["name"])
+
+
+def data_from_ref(value) -> tuple[ImageSet, ImageSet]:
+    return _from_numpy(value[0]), _from_numpy(value[1])
+
+
+def _load_data(name: str, root: str, download: bool, synthetic_sizes) -> tuple[dict, dict]:
+    train, test = load_dataset(name, root=root, download=download, synthetic_sizes=tuple(synthetic_sizes))
+    return _to_numpy(train), _to_numpy(test)
+
+
+# ----------------------------------------------------------------------------- trainables and tasks
+
+
+def job_to_dict(job) -> dict:
+    return {"type": type(job).__name__, "key": job.key, **dataclasses.asdict(job)}
+
+
+def job_from_dict(d: dict):
+    d = {k: v for k, v in d.items() if k != "key"}
+    cls = {"TeacherJob": TeacherJob, "StudentJob": StudentJob, "AttackJob": AttackJob}[d.pop("type")]
+    if cls is AttackJob:
+        d["eps_255"] = tuple(d["eps_255"])
+    return cls(**d)
+
+
+def train_trial(config, *, data_refs, table_refs, settings, storage_root):
+    """The Tune function trainable for teachers and students alike."""
+    import ray
+    import torch
+    from ray import tune
+
+    job = job_from_dict(config["job"])
+    storage = Storage(storage_root)
+    data = data_from_ref(ray.get(data_refs[job.dataset]))
+    table = None
+    if isinstance(job, StudentJob) and job.kd and job.logits_mode != "online":
+        table = ray.get(table_refs[f"{job.teacher_job.key}-{job.logits_mode}"])
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+
+    def report(metrics, state):
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, "state.pt"))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    run_training(job, Settings(**settings), storage, data, table=table, resume=resume, report=report,
+                 held=ray.get_gpu_ids())
+
+
+def _logits_task(teacher: dict, mode: str, settings: dict, storage_root: str, data) -> tuple[str, np.ndarray]:
+    """Two returns: a small status (checked by the driver) and the table (fetched by students only)."""
+    import ray
+
+    table = logit_table(job_from_dict(teacher), mode, Settings(**settings), Storage(storage_root),
+                        data_from_ref(data), held=ray.get_gpu_ids())
+    return "ok", table
+
+
+def _attack_task(job: dict, settings: dict, storage_root: str, data) -> str:
+    import ray
+
+    return run_attack(job_from_dict(job), Settings(**settings), Storage(storage_root), data_from_ref(data)[1],
+                      held=ray.get_gpu_ids())
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+@dataclasses.dataclass
+class Resources:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None   # None: 1 on a cluster (GPU workers may not be up yet); locally the GPUs seen
+    max_failures: int = 2                 # Tune retries of a failed trial, from its last checkpoint
+    attack_retries: int = 2               # Ray retries of an attack task whose worker died
+    max_concurrent: int = 0               # 0: as many trials as the resources allow
+
+    def validate(self):
+        if not 0 < self.cpus_per_trial < float("inf"):
+            raise ConfigError("cpus_per_trial", f"must be > 0 and finite, got {self.cpus_per_trial}")
+        if self.gpus_per_trial is not None and not 0 <= self.gpus_per_trial < float("inf"):
+            raise ConfigError("gpus_per_trial", f"must be >= 0 and finite, got {self.gpus_per_trial}")
+        for name in ("max_failures", "attack_retries", "max_concurrent"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        return self
+
+    def request(self, on_cluster: bool, local_gpus: float = 0.0) -> dict:
+        """What every GPU-worthy job (trials, logits and attack tasks) asks Ray for.
+
+        On a cluster the default is 1 GPU whether or not a GPU node is up yet: an autoscaling
+        cluster starts with a CPU head only, and the autoscaler launches GPU workers only for
+        jobs that ask for GPUs. On a fresh local instance the default is 1 if this machine has a
+        GPU, else 0. --gpus-per-trial 0 forces CPUs.
+        """
+        gpus = self.gpus_per_trial
+        if gpus is None:
+            gpus = 1.0 if on_cluster or local_gpus > 0 else 0.0
+        return {"cpu": self.cpus_per_trial, "gpu": gpus}
+
+
+def running_cluster() -> str | None:
+    """The address of a running Ray cluster that a driver started here should join: RAY_ADDRESS,
+    else the latest ``ray start`` on this machine (as ray.init(address="auto") finds it); None if none."""
+    from ray._private import services
+
+    try:
+        return services.get_ray_address_from_environment(None, None)
+    except Exception:  # noqa: BLE001 - nothing to join
+        return None
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, log=print) -> bool:
+    """Joins the Ray cluster at ``address`` (or the running one found here) or, when there is none,
+    starts a local instance; ``address="local"`` always starts a local one. Returns True when it
+    joined a cluster. A cluster that was named or found but cannot be joined is a one-line
+    ``address:`` error, never a silent local instance. Prints the cluster's resources."""
+    import ray
+
+    if ray.is_initialized():
+        return True
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    kw = {"runtime_env": {"env_vars": env}} if env else {}
+    target = None if address == "local" else (address or running_cluster())
+    if target is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kw)
+        log(f"started a local Ray instance: {_resources_line()}")
+        return False
+    try:
+        ray.init(address=target, **kw)
+    except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError, gRPC errors
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError("address", f"cannot join the Ray cluster at {target}: {why} (is it running? "
+                                     "--address local starts a fresh local instance instead)") from None
+    log(f"joined the Ray cluster at {target}: {_resources_line()}")
+    return True
+
+
+def _resources_line() -> str:
+    import ray
+
+    total = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    mem = total.get("memory", 0) / 2**30
+    return (f"{len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs, "
+            f"{mem:.0f} GiB memory")
+
+
+class SweepFailed(RuntimeError):
+    pass
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    pass
+
+
+def stages(p, settings: Settings) -> dict:
+    """The two Tune stages' jobs, each longest expected first: the teachers, then every student.
+
+    Why the no-KD NODEs do not run with the teachers: they are the longest jobs of a sweep
+    (NODE(500) on CIFAR10 alone is ~4% of the paper's compute, the ten teachers together ~0.3%),
+    so in the teachers' stage they become the barrier that every KD student waits behind. The
+    list-scheduling estimate of --dry-run for sweeps/paper.py on 8 GPUs: 20.7% of GPU time idle
+    in grid order, 19.7% with the no-KD NODEs beside the teachers, 1.2% with this order.
+    """
+    return {"teachers": longest_first(p.teachers, settings), "students": longest_first(p.students, settings)}
+
+
+def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resources = Resources(), resume=False,
+              address=None, num_cpus=None, log=print) -> dict:
+    """Runs every stage of the given sweeps into one storage folder; returns a summary dict."""
+    import ray
+
+    specs = [s.validate() for s in specs]
+    settings.validate()
+    resources.validate()
+    p = plan(specs, eps_per_task=settings.eps_per_task)
+    staged = stages(p, settings)
+    storage = Storage(storage_root)
+    storage.check_reachable()
+    sweep_name = "+".join(s.name for s in specs)
+    for stage, jobs in staged.items():
+        if (_experiments(storage, f"{sweep_name}-{stage}") and not resume
+                and any(not storage.done(j) for j in jobs)):
+            raise ConfigError("resume", f"{storage.name} holds unfinished trials of the '{sweep_name}' sweep "
+                                        "(interrupted or failed); rerun with --resume to continue it, or use "
+                                        "another --storage")
+    storage.check_settings(settings, create=False)
+    stale = storage.remove_stale_temporaries()
+    if stale:
+        log(f"removed {stale} partial file(s) left by killed writers")
+    # Keeping one checkpoint per trial (num_to_keep=1; a NODE at width 512 with Adam state is
+    # ~110 MB) makes Tune snapshot its experiment state often, and warn about it every time.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    on_cluster = connect(address, num_cpus, log=log)
+    res = resources.request(on_cluster, ray.cluster_resources().get("GPU", 0))
+    _log_request(res, log)
+    t_start = time.perf_counter()
+    summary = {"storage": storage.name, "tensorboard": storage.url(storage.path("tensorboard")), "failed": {},
+               "seconds": {}, "request": res}
+
+    # 1. data: once per data set, into the object store
+    t0 = time.perf_counter()
+    datasets = sorted({j.dataset for j in p.jobs()} | {j.dataset for j in p.attacks})
+    data_refs = {d: _data_ref(d, settings) for d in datasets}
+    ray.wait(list(data_refs.values()), num_returns=len(data_refs))
+    for d, ref in data_refs.items():  # surface a missing file as a one-line error, before any trial
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            if isinstance(cause, ConfigError):
+                raise ConfigError(cause.field, cause.message) from None
+            raise
+    summary["seconds"]["data"] = time.perf_counter() - t0
+    try:  # only now: a missing data file leaves nothing behind
+        storage.check_settings(settings, create=True)
+    except OSError as e:  # e.g. a read-only folder, credentials that may read but not write
+        raise ConfigError("storage", f"cannot write to {storage.name}: {str(e).strip().splitlines()[0]}") from None
+
+    common = dict(data_refs=data_refs, settings=settings.to_dict(), storage_root=storage.root)
+
+    # 2. teachers
+    t0 = time.perf_counter()
+    _tune_stage(f"{sweep_name}-teachers", staged["teachers"], storage, resources, res, resume,
+                dict(common, table_refs={}), log)
+    summary["seconds"]["teachers"] = time.perf_counter() - t0
+
+    # 3. logits: one task per (teacher, mode); tables reach students by reference
+    t0 = time.perf_counter()
+    table_refs, blocked = logit_tables(staged["students"], settings, storage, res, data_refs, log)
+    summary["seconds"]["logits"] = time.perf_counter() - t0
+
+    # 4. students, with and without KD
+    t0 = time.perf_counter()
+    students = [j for j in staged["students"] if j.key not in blocked]
+    _tune_stage(f"{sweep_name}-students", students, storage, resources, res, resume,
+                dict(common, table_refs=table_refs), log)
+    summary["seconds"]["students"] = time.perf_counter() - t0
+
+    for job in p.jobs():
+        if not storage.done(job):
+            rec = storage.read_record(job.key) or {}
+            summary["failed"][job.key] = blocked.get(job.key) or rec.get("error") or "did not finish"
+
+    # 5. attacks, longest expected first
+    t0 = time.perf_counter()
+    attacks = longest_first(p.attacks, settings, {j.key: j for j in p.jobs()})
+    summary["attacks"] = _attack_stage(attacks, storage, settings, res, resources, data_refs, summary["failed"], log)
+    summary["seconds"]["attacks"] = time.perf_counter() - t0
+
+    # 6. report
+    from ..report import write_report
+
+    summary["report"] = write_report(storage.root)
+    summary["seconds"]["total"] = time.perf_counter() - t_start
+    return summary
+
+
+def _log_request(res: dict, log) -> None:
+    import ray
+
+    line = f"every trial, logits and attack job asks for {res['cpu']:g} CPU and {res['gpu']:g} GPU"
+    if res["gpu"] > 0 and ray.cluster_resources().get("GPU", 0) == 0:
+        line += ("; no GPU node is up yet: jobs wait for the autoscaler to start GPU workers "
+                 "(--gpus-per-trial 0 runs on CPUs)")
+    log(line)
+
+
+def _data_ref(dataset: str, settings: Settings):
+    import ray
+
+    return ray.remote(num_cpus=1)(_load_data).remote(
+        dataset, settings.teacher.get("data_root", "data"), settings.teacher.get("download", False),
+        settings.teacher.get("synthetic_sizes", (512, 256)))
+
+
+def logit_tables(students, settings: Settings, storage: Storage, res: dict, data_refs: dict, log):
+    """Starts one logits task per (teacher, mode) that unfinished KD students need and waits for
+    them. Returns (table_refs, blocked): object references by "{teacher key}-{mode}", and the
+    students that cannot run (their teacher did not finish, or its logits task failed) with why."""
+    import ray
+
+    task = ray.remote(_logits_task).options(num_cpus=res["cpu"], num_gpus=res["gpu"], num_returns=2)
+    table_refs, status_refs, users, blocked = {}, {}, {}, {}
+    for job in students:
+        tj = job.teacher_job
+        if not storage.done(tj):
+            blocked[job.key] = f"teacher {tj.key} did not finish"
+            continue
+        name = f"{tj.key}-{job.logits_mode}"
+        if job.logits_mode == "online" or storage.done(job):
+            continue
+        users.setdefault(name, []).append(job.key)
+        if name not in table_refs:  # the status is small: failures show without fetching the table
+            status_refs[name], table_refs[name] = task.remote(job_to_dict(tj), job.logits_mode, settings.to_dict(),
+                                                              storage.root, data_refs[job.dataset])
+    for name, ref in status_refs.items():
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as e:
+            why = _cause(e)
+            log(f"logits: FAILED {name}: {why}; its {len(users[name])} student(s) will not run")
+            for key in users[name]:
+                blocked[key] = f"logits of teacher {name} failed: {why}"
+            del table_refs[name]
+    if table_refs:
+        log(f"logit tables ready: {len(table_refs)} (one task per teacher)")
+    return table_refs, blocked
+
+
+def _cause(e: Exception) -> str:
+    """One line for a failed Ray task: the last line of its error, "Type: message"."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+
+
+def _experiments(storage: Storage, name: str) -> list[str]:
+    """This stage's Tune experiment folders, oldest first: name, name-2, name-3, ..."""
+    out, k = [], 1
+    while True:
+        path = storage.path("tune", name if k == 1 else f"{name}-{k}")
+        if not storage.isdir(path):
+            return out
+        out.append(path)
+        k += 1
+
+
+def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> None:
+    """Runs the stage's unfinished jobs as Tune trials.
+
+    With resume, the latest experiment of this stage is restored first (finished trials stay
+    finished, unfinished ones continue from their checkpoints, errored ones are retried). Jobs
+    that no experiment holds yet (a grid grown since) then run in a new experiment name-N.
+    """
+    from ray import tune
+
+    todo = [j for j in jobs if not storage.done(j)]
+    if len(todo) < len(jobs):
+        log(f"{name}: {len(jobs) - len(todo)} of {len(jobs)} trials already finished in {storage.name}")
+    trainable = tune.with_resources(tune.with_parameters(train_trial, **params), res)
+    existing = _experiments(storage, name)
+    errored: set[str] = set()
+    fs = _tune_filesystem(storage)
+    if todo and resume and existing and tune.Tuner.can_restore(existing[-1], storage_filesystem=fs):
+        log(f"{name}: resuming the Tune experiment in {storage.url(existing[-1])}")
+        tuner = tune.Tuner.restore(existing[-1], trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+        held = set(storage.read_json(existing[-1] + ".jobs.json") or [])
+        errored |= _fit(tuner, name, [j for j in jobs if j.key in held], storage, log)
+        todo = [j for j in jobs if not storage.done(j) and j.key not in errored]
+    if not todo:
+        return
+    exp = name if not existing else f"{name}-{len(existing) + 1}"
+    # which jobs this experiment holds (Tune creates grid trials lazily, so its own state may not
+    # list them all when it is interrupted)
+    storage.write_json([j.key for j in todo], storage.path("tune", f"{exp}.jobs.json"))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"job": tune.grid_search([job_to_dict(j) for j in todo])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent or None,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(
+            name=exp, storage_path=storage.path("tune"), storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1),
+    )
+    _fit(tuner, name, todo, storage, log)
+
+
+def _tune_filesystem(storage: Storage):
+    """Tune's storage_filesystem: None for a local folder, else the storage's (S3, GCS, ...)."""
+    return None if storage.local else storage.fs
+
+
+def _fit(tuner, name, jobs, storage, log) -> set[str]:
+    """Runs a Tuner over ``jobs``; returns the keys of errored trials; raises SweepInterrupted on Ctrl-C."""
+    results = tuner.fit()
+    errored = {r.config["job"]["key"] for r in results if r.error is not None and r.config}
+    stopped = [j.key for j in jobs if not storage.done(j) and j.key not in errored]
+    if stopped:  # Tune returns from fit() on Ctrl-C, with its state saved
+        raise SweepInterrupted(f"{name}: interrupted with {len(stopped)} trial(s) unfinished; "
+                               "rerun with --resume to continue")
+    log(f"{name}: {len(results) - len(errored)} trials finished, {len(errored)} failed")
+    return errored
+
+
+def _trial_name(trial) -> str:
+    return trial.config["job"]["key"]
+
+
+def _attack_stage(jobs, storage, settings, res, resources, data_refs, failed, log) -> dict:
+    import ray
+
+    task = ray.remote(_attack_task).options(num_cpus=res["cpu"], num_gpus=res["gpu"],
+                                            max_retries=resources.attack_retries)
+    todo = [j for j in jobs if not storage.exists(storage.attack_file(j))]
+    runnable = [j for j in todo if j.model_key not in failed]
+    skipped = len(todo) - len(runnable)
+    log(f"attacks: {len(jobs)} tasks, {len(jobs) - len(todo)} already written, {len(runnable)} to run"
+        + (f", {skipped} skipped (their model failed)" if skipped else ""))
+    pending = {task.remote(job_to_dict(j), settings.to_dict(), storage.root, data_refs[j.dataset]): j for j in runnable}
+    done, errors = 0, {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(ready[0])
+        try:
+            ray.get(ready[0])
+            done += 1
+            log(f"attacks: {done}/{len(runnable)} written ({job.key}, {job.attack})")
+        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as e:
+            errors[f"{job.key}/{job.attack}"] = _cause(e)
+            log(f"attacks: FAILED {job.key} ({job.attack}): {errors[f'{job.key}/{job.attack}']}")
+    return {"planned": len(jobs), "written": done, "already": len(jobs) - len(todo), "failed": errors,
+            "skipped": skipped}
+
+

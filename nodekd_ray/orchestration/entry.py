@@ -1,0 +1,171 @@
+"""The sweep scripts' entry point: their command line, ``--dry-run`` plans, and the summary."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from ..data import DATASETS
+from ..errors import ConfigError
+from ..sweep import SMOKE, Settings, SweepSpec, expected_cost, job_config, list_schedule, plan
+from .driver import Resources, run_sweep, stages
+
+
+def sweep_parser(description: str, default_datasets=("cifar10", "svhn")) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--dataset", nargs="+", default=None, metavar="NAME",
+                    help=f"data sets, from {', '.join(DATASETS)} (default: the sweep's own, "
+                         f"{' '.join(default_datasets)}; Table 3 is CIFAR10 only)")
+    ap.add_argument("--smoke-test", action="store_true",
+                    help="tiny models (NODE width 16), 5 teacher / 3 student epochs, 1024 training and 64 "
+                         "attacked images, eps 0,4,..,20/255")
+    ap.add_argument("--storage", default=os.environ.get("NODEKD_STORAGE"),
+                    help="experiment folder: a local path, a shared mount, or a URI (s3://bucket/prefix, "
+                         "gs://..., file://...); default $NODEKD_STORAGE, else runs/nodekd, or runs/nodekd-smoke "
+                         "with --smoke-test")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --storage")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per trial")
+    ap.add_argument("--teachers", nargs="+", default=None, metavar="ARCH", help="override the sweep's teachers")
+    ap.add_argument("--temperatures", nargs="+", type=float, default=None, metavar="T", help="override T")
+    ap.add_argument("--horizons", nargs="+", type=float, default=None, metavar="T1", help="override the KD horizons")
+    ap.add_argument("--baseline-horizons", nargs="+", type=float, default=None, metavar="T1",
+                    help="override the horizons of the no-KD NODE baselines")
+    ap.add_argument("--lam", type=float, default=0.9, help="KD weight lambda (paper 0.9)")
+    ap.add_argument("--logits-mode", default="paper", help="paper, views or online (see nodekd_ray.kd)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs for teachers and students (default: paper)")
+    ap.add_argument("--width", type=int, default=None, help="NODE width (default: paper, 512)")
+    ap.add_argument("--attack-images", type=int, default=None, help="test images attacked (default 1000)")
+    ap.add_argument("--data-root", default=os.environ.get("NODEKD_DATA_ROOT", "data"),
+                    help="where cifar10/svhn live (default $NODEKD_DATA_ROOT, else data)")
+    ap.add_argument("--download", action="store_true", help="download missing cifar10/svhn files")
+    ap.add_argument("--cpus-per-trial", type=float, default=1.0)
+    ap.add_argument("--gpus-per-trial", type=float, default=None,
+                    help="GPUs each trial, logits and attack job asks for; may be fractional. Default: 1 on a "
+                         "cluster (also before a GPU node is up: the autoscaler starts one), else 1 if this "
+                         "machine has a GPU; 0 runs on CPUs")
+    ap.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint")
+    ap.add_argument("--attack-retries", type=int, default=2, help="retries of an attack task whose worker died")
+    ap.add_argument("--max-concurrent", type=int, default=0, help="cap on trials at once (0: no cap)")
+    ap.add_argument("--address", default=None, help="Ray cluster address; 'local' starts a fresh local instance (default: join a running cluster, else local)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the planned jobs (stage order, epochs, resource requests, expected cost) and an "
+                         "estimate of GPU idle time on --plan-gpus GPUs; start nothing")
+    ap.add_argument("--plan-gpus", type=int, default=8, help="GPUs assumed by --dry-run's schedule estimate")
+    return ap
+
+
+def settings_from_args(args) -> Settings:
+    teacher, student = {}, {}
+    attack_images = 1000
+    if args.smoke_test:
+        teacher, student = dict(SMOKE["teacher"]), dict(SMOKE["student"])
+        attack_images = SMOKE["attack_images"]
+    for d in (teacher, student):
+        d["data_root"], d["download"] = args.data_root, args.download
+        if args.epochs is not None:
+            d["epochs"] = args.epochs
+    if args.width is not None:
+        student["width"] = args.width
+    if args.attack_images is not None:
+        attack_images = args.attack_images
+    return Settings(teacher=teacher, student=student, attack_images=attack_images)
+
+
+def apply_args(spec: SweepSpec, args) -> SweepSpec:
+    kw = dict(datasets=tuple(args.dataset) if args.dataset else spec.datasets, seeds=tuple(range(args.seeds)), lam=args.lam, logits_mode=args.logits_mode)
+    if args.teachers is not None:
+        if spec.teachers:
+            kw["teachers"] = tuple(args.teachers)
+        if spec.kd_teachers:
+            kw["kd_teachers"] = tuple(args.teachers)
+    if args.temperatures is not None:
+        kw["temperatures"] = tuple(args.temperatures)
+    if args.horizons is not None:
+        kw["kd_horizons"] = tuple(args.horizons)
+    if args.baseline_horizons is not None and spec.baseline_horizons:
+        kw["baseline_horizons"] = tuple(args.baseline_horizons)
+    if args.smoke_test:
+        kw["eps_255"] = tuple(e for e in SMOKE["eps_255"])
+    return dataclasses.replace(spec, **kw)
+
+
+def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "svhn")) -> int:
+    """Entry point of every sweep script: parse, validate, run, print where the results are."""
+    ap = sweep_parser(description, default_datasets)
+    args = ap.parse_args(argv)
+    prog = os.path.basename(sys.argv[0]) if argv is None else "sweep"
+    try:
+        if args.seeds < 1:
+            raise ConfigError("seeds", f"must be >= 1, got {args.seeds}")
+        specs = [apply_args(s, args).validate() for s in specs]
+        settings = settings_from_args(args).validate()
+        resources = Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_failures,
+                              attack_retries=args.attack_retries, max_concurrent=args.max_concurrent).validate()
+        storage = args.storage or ("runs/nodekd-smoke" if args.smoke_test else "runs/nodekd")
+        if args.dry_run:
+            return print_plan(specs, settings, resources, storage, address=args.address, workers=args.plan_gpus)
+        summary = run_sweep(specs, settings, storage, resources=resources, resume=args.resume,
+                            address=args.address, num_cpus=args.num_cpus)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"{prog}: {e or 'interrupted'}; finished trials and files are kept: rerun with --resume",
+              file=sys.stderr)
+        return 130
+    return print_summary(summary)
+
+
+def print_summary(summary: dict) -> int:
+    secs = ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items())
+    print(f"\ntime: {secs}")
+    att = summary["attacks"]
+    print(f"attacks: {att['written']} written, {att['already']} already there, {len(att['failed'])} failed")
+    for key, why in summary["failed"].items():
+        print(f"FAILED trial {key}: {why}")
+    for key, why in att["failed"].items():
+        print(f"FAILED attack {key}: {why}")
+    print(f"results: {summary['storage']}")
+    for what, path in summary["report"].items():
+        print(f"{what}: {path}")
+    print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")
+    return 1 if summary["failed"] or att["failed"] else 0
+
+
+
+
+def print_plan(specs, settings: Settings, resources: Resources, storage: str, *, address=None, workers=8,
+               out=sys.stdout) -> int:
+    """--dry-run: the jobs in the order each stage hands them to Ray, with epochs and resource
+    requests, and a list-scheduling estimate of the stages on ``workers`` GPUs against the grid
+    order with the no-KD NODEs behind the teachers. Starts nothing, writes nothing."""
+    import torch
+
+    from .driver import running_cluster
+
+    p = plan(specs, eps_per_task=settings.eps_per_task)
+    staged = stages(p, settings)
+    on_cluster = address != "local" and (address or running_cluster()) is not None
+    res = resources.request(on_cluster, torch.cuda.device_count())
+    models = {j.key: j for j in p.jobs()}
+    cost = {j.key: expected_cost(j, settings) for j in p.jobs()}
+    attack_cost = [expected_cost(a, settings, models[a.model_key]) for a in p.attacks]
+    total = sum(cost.values()) + sum(attack_cost)
+    pr = lambda *a: print(*a, file=out)  # noqa: E731
+    pr(f"plan for {'+'.join(s.name for s in specs)} into {storage} (--dry-run: nothing is started)")
+    pr(f"each trial, logits and attack job asks for {res['cpu']:g} CPU and {res['gpu']:g} GPU"
+       f" ({'a cluster' if on_cluster else 'a local Ray instance'})")
+    for name, jobs in staged.items():
+        pr(f"stage {name}: {len(jobs)} trials, longest expected first")
+        for j in jobs:
+            pr(f"  {j.key:<48} {job_config(j, settings).resolved_epochs():>4} epochs  {100 * cost[j.key] / total:5.1f}% of the compute")
+    pr(f"attacks: {len(p.attacks)} tasks, longest expected first, {100 * sum(attack_cost) / total:.1f}% of the compute")
+    new = list_schedule([[cost[j.key] for j in staged["teachers"]], [cost[j.key] for j in staged["students"]],
+                         sorted(attack_cost, reverse=True)], workers)
+    old = list_schedule([[cost[j.key] for j in p.teachers], [cost[j.key] for j in p.students], attack_cost], workers)
+    pr(f"estimate on {workers} GPUs (expected cost, not a measurement): GPU time idle "
+       f"{100 * new['idle_fraction']:.1f}% in this order, {100 * old['idle_fraction']:.1f}% in grid order; "
+       f"makespan {new['makespan'] / old['makespan']:.2f}x of grid order's")
+    return 0
