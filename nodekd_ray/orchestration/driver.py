@@ -345,7 +345,7 @@ def logit_tables(students, settings: Settings, storage: Storage, res: dict, data
 
     task = ray.remote(_logits_task).options(num_cpus=res["cpu"], num_gpus=res["gpu"], num_returns=2)
     table_refs, status_refs, users, blocked = {}, {}, {}, {}
-    for job in students:
+    for job in (j for j in students if j.kd):
         tj = job.teacher_job
         if not storage.done(tj):
             blocked[job.key] = f"teacher {tj.key} did not finish"
