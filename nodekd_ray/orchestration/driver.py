@@ -188,8 +188,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print) 
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kw)
         log(f"started a local Ray instance: {_resources_line()}")
         return False
-    try:
-        ray.init(address=target, **kw)
+    try:  # a cluster found here is joined as "auto": only then does Ray 2.60 use the token `ray start` wrote
+        ray.init(address=address or "auto", **kw)
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError, gRPC errors
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ConfigError("address", f"cannot join the Ray cluster at {target}: {why} (is it running? "
