@@ -367,6 +367,8 @@ def logit_table(teacher_job: TeacherJob, mode: str, settings: Settings, storage:
                            settings, device=device)
     train, _ = _limited(data, probe)
     teacher, _ = load_model(storage, teacher_job.key, expect_arch=teacher_job.arch)
+    if fault("fail_logits", teacher_job.key, storage):
+        raise InjectedFault(f"injected failure in the logits of {teacher_job.key}")
     pad, _ = probe.augment()
     t0 = time.perf_counter()
     table = compute_logit_table(teacher, train, mode=mode, crop_padding=pad, device=probe.torch_device())

@@ -8,7 +8,7 @@ rerun continues. Prints the best (lambda, T) and its test accuracy.
 import sys
 
 from nodekd_ray.errors import ConfigError
-from nodekd_ray.orchestration import Resources, run_search, settings_from_args, sweep_parser
+from nodekd_ray.orchestration import Resources, SweepFailed, run_search, settings_from_args, sweep_parser
 
 if __name__ == "__main__":
     ap = sweep_parser(__doc__, default_datasets=("cifar10",))
@@ -17,6 +17,8 @@ if __name__ == "__main__":
     ap.add_argument("--num-samples", type=int, default=40, help="(lam, T) trials in the study, earlier runs included")
     ap.add_argument("--lam-range", nargs=2, type=float, default=(0.0, 1.0))
     ap.add_argument("--T-range", nargs=2, type=float, default=(1.0, 30.0))
+    ap.add_argument("--grace-fraction", type=float, default=0.25,
+                    help="ASHA grace period as a fraction of the students' epochs (max_t is all of them)")
     args = ap.parse_args()
     try:
         args.dataset = args.dataset or ["cifar10"]
@@ -28,9 +30,14 @@ if __name__ == "__main__":
                           resources=Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_failures,
                                               max_concurrent=args.max_concurrent).validate(),
                           lam_range=tuple(args.lam_range), T_range=tuple(args.T_range),
+                          grace_fraction=args.grace_fraction,
                           address=args.address, num_cpus=args.num_cpus)
     except ConfigError as e:
         print(f"search_lambda_T.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SweepFailed as e:
+        print(f"search_lambda_T.py: {e}", file=sys.stderr)
+        sys.exit(1)
     print(f"best: lam = {best['best_lam']:.3f}, T = {best['best_T']:.2f}, test accuracy "
-          f"{100 * best['best_test_accuracy']:.2f}% over {best['trials']} trials (study {best['journal']})")
+          f"{100 * best['best_test_accuracy']:.2f}% over {best['trials']} full-length trials of {best['epochs']} "
+          f"epochs ({best['pruned']} stopped early by ASHA; study {best['journal']})")

@@ -168,21 +168,80 @@ def test_lambda_T_search_persists_its_optuna_study(tmp_path):
             "--teacher", "resnet20", "--epochs", "2", "--address", "local", "--num-cpus", "2", "--storage", str(store)]
     r = subprocess.run(base + ["--num-samples", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "best: lam = " in r.stdout and "over 2 trials" in r.stdout
+    assert "best: lam = " in r.stdout and "full-length trials of 2 epochs" in r.stdout
+    assert "ASHA over 2 epochs, grace period 1 (0.25 of the epochs)" in r.stdout
     # a rerun asking for 3 samples continues the same study: one new trial, TPE sees all three
     r = subprocess.run(base + ["--num-samples", "3"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "2 finished trials" in r.stdout and "1 to run" in r.stdout and "over 3 trials" in r.stdout
+    assert "2 finished trials" in r.stdout and "1 to run" in r.stdout
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     study = optuna.load_study(study_name="lam-T-digits-resnet20-t1-paper",
                               storage=JournalStorage(JournalFileBackend(str(store / "optuna.journal"))))
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 3 and all(0 <= t.params["lam"] <= 1 and 1 <= t.params["T"] <= 30 for t in done)
+    states = optuna.trial.TrialState
+    assert len(study.trials) == 3 and all(t.state in (states.COMPLETE, states.PRUNED) for t in study.trials)
+    assert all(0 <= t.params["lam"] <= 1 and 1 <= t.params["T"] <= 30 for t in study.trials)
+    # every proposal trained a KD student; a trial is COMPLETE exactly when its student ran both epochs
+    kd = {(x["T"], x["lam"]): x for x in S.Storage(str(store)).records() if x["kind"] == "node_kd"}
+    for t in study.trials:
+        rec = kd[(round(t.params["T"], 3), round(t.params["lam"], 3))]
+        assert (t.state == states.COMPLETE) == (len(rec["history"]) == 2), (t.state, rec["history"])
+    done = [t for t in study.trials if t.state == states.COMPLETE]
     best = json.load(open(store / "lam-T-digits-resnet20-t1-paper.json"))
-    assert best["best_test_accuracy"] == max(t.value for t in done)
-    # every proposal trained a KD student whose record holds its lam and T
-    kd = [x for x in S.Storage(str(store)).records() if x["kind"] == "node_kd"]
-    assert {(round(t.params["T"], 3), round(t.params["lam"], 3)) for t in done} <= {(x["T"], x["lam"]) for x in kd}
+    assert best["best_test_accuracy"] == max(t.value for t in done) and best["trials"] == len(done)
+
+
+def test_search_schedule_covers_the_whole_run_and_stopped_trials_are_pruned():
+    import optuna
+    from ray import tune
+
+    from nodekd_ray.orchestration.search import grace_period, pruning_searcher, search_scheduler
+
+    asha = search_scheduler(200)   # rungs from the grace period (a quarter) on; none before it
+    assert (asha._max_t, asha._time_attr) == (200, "epoch")
+    assert sorted(m for m, _ in asha._brackets[0]._rungs) == [50, 100, 200]
+    assert grace_period(3, 0.1) == 1
+    with pytest.raises(Exception, match="grace_fraction"):
+        search_scheduler(200, 0.0)
+    searcher = pruning_searcher(10, space={"lam": tune.uniform(0, 1)}, metric="acc", mode="max", seed=0)
+    for tid in ("stopped", "full", "broken"):
+        searcher.suggest(tid)
+    searcher.on_trial_complete("stopped", result={"acc": 0.9, "epoch": 3})     # ASHA stopped it at epoch 3
+    searcher.on_trial_complete("full", result={"acc": 0.5, "epoch": 10})
+    searcher.on_trial_complete("broken", result=None, error=True)
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
+                      optuna.trial.TrialState.FAIL]
+    assert searcher._ot_study.best_value == 0.5          # the truncated 0.9 is not a candidate
+
+
+def test_a_failed_logits_task_ends_its_students_at_once(tmp_path):
+    store = tmp_path / "store"
+    r = sweep("table2.py", store, "--temperatures", "3", "10", "--epochs", "1",
+              faults={"fail_logits": {"key": "teacher-digits-resnet20-s0"}})
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    lines = [x for x in out.splitlines() if x.startswith("FAILED trial kd-")]
+    assert len(lines) == 2 and all("logits of teacher teacher-digits-resnet20-s0-paper failed: " in x
+                                   and "InjectedFault" in x for x in lines), lines
+    assert "logits: FAILED teacher-digits-resnet20-s0-paper" in out
+    st = S.Storage(str(store))
+    assert [x["key"] for x in st.records()] == ["teacher-digits-resnet20-s0"]   # no student trial started
+
+
+def test_dry_run_plans_longest_first_and_starts_nothing(tmp_path):
+    store = tmp_path / "never"
+    cmd = [sys.executable, os.path.join(ROOT, "sweeps", "paper.py"), "--dry-run", "--storage", str(store)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "nothing is started" in out and not store.exists()
+    assert "asks for 1 CPU and" in out
+    teachers = out[out.index("stage teachers"):out.index("stage students")]
+    students = out[out.index("stage students"):out.index("attacks:")]
+    assert teachers.count(" epochs ") == 10 and teachers.split()[6] == "teacher-cifar10-resnet110-s0"
+    assert students.count(" epochs ") == 65 and students.split()[6] == "node-cifar10-t500-s0"   # not last
+    assert "node-svhn-t500" not in out                                      # Table 3 is CIFAR10 only
+    assert "GPU time idle" in out

@@ -27,14 +27,19 @@ def search_trial(config, *, base, **params):
     train_trial({"job": job}, **params)
 
 
-def search_scheduler(epochs: int, grace_fraction: float = GRACE_FRACTION):
-    """ASHA over a trial's whole schedule: max_t = epochs, grace period = ceil(fraction x epochs)."""
-    from ray.tune.schedulers import ASHAScheduler
-
+def grace_period(epochs: int, grace_fraction: float = GRACE_FRACTION) -> int:
+    """ASHA's grace period: ceil(fraction x epochs), at least 1."""
     if not 0 < grace_fraction <= 1:
         raise ConfigError("grace_fraction", f"must be in (0, 1], got {grace_fraction:g}")
-    grace = max(1, math.ceil(grace_fraction * epochs))
-    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=grace, reduction_factor=REDUCTION_FACTOR)
+    return max(1, math.ceil(grace_fraction * epochs))
+
+
+def search_scheduler(epochs: int, grace_fraction: float = GRACE_FRACTION):
+    """ASHA over a trial's whole schedule: max_t = epochs, rungs from the grace period on."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=grace_period(epochs, grace_fraction),
+                         reduction_factor=REDUCTION_FACTOR)
 
 
 def pruning_searcher(full_length: int, **kw):
@@ -102,7 +107,7 @@ def run_search(*, dataset: str, teacher: str, t1: float, logits_mode: str, num_s
     finished = [t for t in study.trials if t.state in (states.COMPLETE, states.PRUNED)]
     remaining = max(0, num_samples - len(finished))
     log(f"optuna study {study_name!r}: {len(finished)} finished trials in {sync.url}, {remaining} to run; "
-        f"ASHA over {epochs} epochs, grace period {scheduler._grace_period} "
+        f"ASHA over {epochs} epochs, grace period {grace_period(epochs, grace_fraction)} "
         f"({grace_fraction:g} of the epochs), reduction factor {REDUCTION_FACTOR}")
     if remaining:
         base = {"type": "StudentJob", "dataset": dataset, "t1": float(t1), "seed": 0, "teacher": teacher,
