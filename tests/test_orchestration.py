@@ -241,7 +241,7 @@ def test_dry_run_plans_longest_first_and_starts_nothing(tmp_path):
     assert "asks for 1 CPU and" in out
     teachers = out[out.index("stage teachers"):out.index("stage students")]
     students = out[out.index("stage students"):out.index("attacks:")]
-    assert teachers.count(" epochs ") == 10 and teachers.split()[6] == "teacher-cifar10-resnet110-s0"
-    assert students.count(" epochs ") == 65 and students.split()[6] == "node-cifar10-t500-s0"   # not last
+    assert teachers.count(" epochs ") == 10 and teachers.splitlines()[1].split()[0] == "teacher-cifar10-resnet110-s0"
+    assert students.count(" epochs ") == 65 and students.splitlines()[1].split()[0] == "node-cifar10-t500-s0"   # not last
     assert "node-svhn-t500" not in out                                      # Table 3 is CIFAR10 only
     assert "GPU time idle" in out
