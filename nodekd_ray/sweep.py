@@ -208,7 +208,7 @@ def plan(specs, *, eps_per_task: int = 4) -> Plan:
 
 # Training-set sizes, for the cost estimate only (the sweep reads the real data).
 TRAIN_SIZES = {"cifar10": 50_000, "svhn": 73_257, "digits": 1_437, "synthetic": 512}
-RESNET_GFLOP = 0.041 / 18          # per image and per layer pair: ResNet20 ~0.041 GFLOP, ResNet110 ~0.25
+RESNET_GFLOP = 0.041 / 18          # per image and conv layer (depth - 2 of them): ResNet20 ~0.041, ResNet110 ~0.25
 NODE_GFLOP_512 = 1.2               # one ODE-function evaluation at width 512, 8x8 state (design notes)
 NFE_T1_1 = 26                      # forward evaluations of dopri5 at rtol 1e-3 for t1 = 1 (~4 steps)
 
@@ -233,6 +233,7 @@ def expected_cost(job, settings: "Settings", model=None) -> float:
 
 
 def job_config(job, settings):
+    """The job's TeacherConfig or StudentConfig under these settings."""
     return (teacher_config if isinstance(job, TeacherJob) else student_config)(job, settings)
 
 

@@ -172,6 +172,9 @@ def running_cluster() -> str | None:
         return None
 
 
+_JOINED = False   # whether this process's Ray connection is to a cluster (set by connect)
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, log=print) -> bool:
     """Joins the Ray cluster at ``address`` (or the running one found here) or, when there is none,
     starts a local instance; ``address="local"`` always starts a local one. Returns True when it
@@ -179,14 +182,16 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print) 
     ``address:`` error, never a silent local instance. Prints the cluster's resources."""
     import ray
 
-    if ray.is_initialized():
-        return True
+    global _JOINED
+    if ray.is_initialized():  # connected before (a second sweep in one process, a benchmark)
+        return _JOINED
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     kw = {"runtime_env": {"env_vars": env}} if env else {}
     target = None if address == "local" else (address or running_cluster())
     if target is None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kw)
         log(f"started a local Ray instance: {_resources_line()}")
+        _JOINED = False
         return False
     try:  # a cluster found here is joined as "auto": only then does Ray 2.60 use the token `ray start` wrote
         ray.init(address=address or "auto", **kw)
@@ -195,6 +200,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print) 
         raise ConfigError("address", f"cannot join the Ray cluster at {target}: {why} (is it running? "
                                      "--address local starts a fresh local instance instead)") from None
     log(f"joined the Ray cluster at {target}: {_resources_line()}")
+    _JOINED = True
     return True
 
 
