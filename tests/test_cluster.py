@@ -156,7 +156,8 @@ def test_gpu_yaml_passes_rays_validation_and_pins_the_environment(monkeypatch):
     import ray
 
     deps = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
-    assert f"ray[default,tune]=={RAY_PIN}" in deps["dependencies"] and ray.__version__ == RAY_PIN
+    assert f"ray[tune]=={RAY_PIN}" in deps["dependencies"] and ray.__version__ == RAY_PIN
+    assert f"ray[default,tune]=={RAY_PIN}" in deps["optional-dependencies"]["cluster"]
     assert cfg["docker"]["head_image"].startswith(f"rayproject/ray:{RAY_PIN}-py312")
     assert cfg["docker"]["worker_image"] == f"rayproject/ray:{RAY_PIN}-py312-gpu"
     assert "boto3" in " ".join(deps["optional-dependencies"]["cluster"])

@@ -229,13 +229,13 @@ def test_the_lambda_T_search_continues_its_study_from_s3(s3, tmp_path):
     r = subprocess.run(cmd + ["--num-samples", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     st = Storage(uri)
-    assert st.exists(st.path("optuna.journal")) and "over 1 trials" in r.stdout
+    assert st.exists(st.path("optuna.journal")) and "over 1 full-length trials" in r.stdout
     from nodekd_ray.orchestration.search import _JournalSync
 
     os.remove(_JournalSync(st).local)  # as on a fresh head node: the study must come from S3
     r = subprocess.run(cmd + ["--num-samples", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "1 finished trials" in r.stdout and "1 to run" in r.stdout and "over 2 trials" in r.stdout
+    assert "1 finished trials" in r.stdout and "1 to run" in r.stdout and "over 2 full-length trials" in r.stdout
     best = st.read_json(st.path("lam-T-digits-resnet20-t1-paper.json"))
     assert best["trials"] == 2 and best["journal"] == f"s3://{st.base}/optuna.journal"
     assert os.listdir(tmp_path) == []
