@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "RESULTS_DIR/report.")
     r.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep's --storage folder or URI")
 
+    v = sub.add_parser("verify", help="check every result in a sweep's folder: complete, missing, damaged",
+                       description="Checks every artifact of a sweep's --storage folder as the sweep reads it "
+                                   "(records, models by size and SHA-256, logit tables, attack Parquet files) "
+                                   "and what the sweeps that used it planned. Prints one line per damaged or "
+                                   "missing item; exit 1 when something is damaged (`--resume` redoes it), "
+                                   "else 0.")
+    v.add_argument("results_dir", metavar="STORAGE", help="a sweep's --storage folder or URI")
+    v.add_argument("-q", "--quiet", action="store_true", help="print the summary and the damaged items only")
+
     d = sub.add_parser("download", help="fetch cifar10/svhn into a data root once (file-locked)",
                        description="Download CIFAR10 and/or SVHN through torchvision into --data-root, once: "
                                    "a file lock makes concurrent calls (several nodes on shared storage) wait "
@@ -117,10 +126,26 @@ def _recipe_kwargs(args) -> dict:
 
 
 def _check_out(args) -> None:
+    """Refuses an --out that exists (without --force), is a folder, or cannot be written (a
+    read-only folder, a full disk): before the work, not after it. Leaves nothing behind."""
+    import tempfile
+
     if os.path.exists(args.out) and not args.force:
         raise ConfigError("out", f"{args.out} exists; pass --force to replace it")
     if os.path.isdir(args.out):
         raise ConfigError("out", f"{args.out} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise ConfigError("out", f"{folder} is a file, not a folder")
+        folder = os.path.dirname(folder)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".nodekd-write-probe.", suffix=".tmp") as f:
+            f.write(b"x" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ConfigError("out", f"cannot write to {folder}: {e.strerror or e}") from None
 
 
 def _check_dataset_match(ckpt: dict, dataset: str, what: str) -> None:
@@ -217,21 +242,30 @@ def cmd_report(args) -> None:
         print(f"{name}: {path}")
 
 
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    report = verify(args.results_dir)
+    for line in report.lines(quiet=args.quiet):
+        print(line)
+    return 1 if report.damaged else 0
+
+
 COMMANDS = {"train-teacher": cmd_train_teacher, "train-student": cmd_train_student, "attack": cmd_attack,
-            "report": cmd_report, "download": cmd_download}
+            "report": cmd_report, "download": cmd_download, "verify": cmd_verify}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"nodekd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nodekd: interrupted; nothing was written", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,52 @@ CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST = ["test_batch"]
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 
+# torchvision's published MD5 sums (torchvision.datasets.CIFAR10.train_list / test_list and
+# SVHN.split_list; a test keeps them equal). Every file is checked before it is read: a data root
+# is often a shared folder (the cluster's EFS), and a CIFAR-10 batch is a Python pickle, which
+# runs code when unpickled. A file that fails is refused in one line. On top of that the batches
+# are read by an unpickler that only builds dicts, lists, strings and numpy arrays.
+KNOWN_MD5 = {
+    f"{CIFAR_DIR}/data_batch_1": "c99cafc152244af753f735de768cd75f",
+    f"{CIFAR_DIR}/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    f"{CIFAR_DIR}/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    f"{CIFAR_DIR}/data_batch_4": "634d18415352ddfa80567beed471001a",
+    f"{CIFAR_DIR}/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    f"{CIFAR_DIR}/test_batch": "40351d587109b95175f43aff81a1287e",
+    "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+    "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
+}
+
+
+def check_md5(root: str, rel: str) -> str:
+    """The file's path once its MD5 is torchvision's published one; a one-line ConfigError otherwise."""
+    import hashlib
+
+    path = os.path.join(root, rel)
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    got, want = h.hexdigest(), KNOWN_MD5[rel]
+    if got != want:
+        raise ConfigError("data", f"{path} fails torchvision's MD5 check (md5 {got}, published {want}): it is not "
+                                  "the published file and is not read; delete it and pass --download")
+    return path
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles the CIFAR-10 batch format (dicts, lists, strings, bytes, numpy arrays) and nothing
+    else: any other global, the way a crafted pickle runs code, is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
 
 @dataclass
 class ImageSet:
@@ -119,16 +165,20 @@ def _tv_download(kind: str, root: str) -> None:
 def _read_cifar(root: str, files: list[str], name: str) -> ImageSet:
     xs, ys = [], []
     for f in files:
-        path = os.path.join(root, CIFAR_DIR, f)
+        path = check_md5(root, f"{CIFAR_DIR}/{f}")
         try:
             with open(path, "rb") as fh:
-                entry = pickle.load(fh, encoding="latin1")
+                entry = _ArraysOnly(fh, encoding="latin1").load()
             data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             labels = np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"], dtype=np.int64)
         except Exception as e:
-            raise ConfigError("data", f"cannot read CIFAR-10 batch {path}: {type(e).__name__}: {e}") from None
-        if len(labels) != len(data):
-            raise ConfigError("data", f"corrupt CIFAR-10 batch {path}: {len(data)} images, {len(labels)} labels")
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise ConfigError("data", f"cannot read CIFAR-10 batch {path}: {type(e).__name__}: {why}") from None
+        if labels.ndim != 1 or len(labels) != len(data):
+            raise ConfigError("data", f"corrupt CIFAR-10 batch {path}: {len(data)} images, {labels.size} labels")
+        if len(labels) and not (0 <= labels.min() and labels.max() <= 9):
+            raise ConfigError("data", f"corrupt CIFAR-10 batch {path}: labels must be 0..9, found "
+                                      f"{int(labels.min())}..{int(labels.max())}")
         xs.append(data)
         ys.append(labels)
     return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), 10, name)
@@ -137,16 +187,22 @@ def _read_cifar(root: str, files: list[str], name: str) -> ImageSet:
 def _read_svhn(root: str, split: str) -> ImageSet:
     import scipy.io as sio
 
-    path = os.path.join(root, SVHN_FILES[split])
+    path = check_md5(root, SVHN_FILES[split])
     try:
-        mat = sio.loadmat(path)
-        x = np.asarray(mat["X"], dtype=np.uint8)  # (32, 32, 3, N)
-        y = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
+        mat = sio.loadmat(path)   # MAT files hold arrays only: nothing in them is executed
+        x = np.asarray(mat["X"])
+        y = np.asarray(mat["y"]).reshape(-1)
     except Exception as e:
-        raise ConfigError("data", f"cannot read SVHN file {path}: {type(e).__name__}: {e}") from None
-    if x.ndim != 4 or x.shape[3] != len(y):
-        raise ConfigError("data", f"corrupt SVHN file {path}: X {x.shape}, y {y.shape}")
-    y = np.where(y == 10, 0, y)  # the .mat files label the digit 0 as 10
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ConfigError("data", f"cannot read SVHN file {path}: {type(e).__name__}: {why}") from None
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise ConfigError("data", f"corrupt SVHN file {path}: X has shape {x.shape}, y {y.shape}; expected X "
+                                  "(32, 32, 3, N) and N labels")
+    if x.dtype != np.uint8:
+        raise ConfigError("data", f"corrupt SVHN file {path}: X is {x.dtype}, expected uint8 pixels")
+    if len(y) and not (1 <= y.min() and y.max() <= 10):
+        raise ConfigError("data", f"corrupt SVHN file {path}: labels must be 1..10, found {int(y.min())}..{int(y.max())}")
+    y = np.where(y == 10, 0, y).astype(np.int64)  # the .mat files label the digit 0 as 10
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)))  # (N, 3, 32, 32)
     return ImageSet(images, torch.from_numpy(y), 10, "svhn")
 

@@ -23,7 +23,10 @@ def check_choice(field: str, value, allowed) -> None:
 
 
 def check_range(field: str, value: float, lo=None, hi=None, *, lo_open=False, hi_open=False) -> None:
-    """Checks lo <= value <= hi (or strict where *_open) and says the interval on failure."""
+    """Checks lo <= value <= hi (or strict where *_open) and says the interval on failure.
+    inf and nan are refused whatever the interval (no field of this project takes them)."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(field, f"must be a finite number, got {value}")
     bad = (
         (lo is not None and (value <= lo if lo_open else value < lo))
         or (hi is not None and (value >= hi if hi_open else value > hi))
@@ -35,3 +38,18 @@ def check_range(field: str, value: float, lo=None, hi=None, *, lo_open=False, hi
         lo_s = "-inf" if lo is None else f"{lo:g}"
         hi_s = "inf" if hi is None else f"{hi:g}"
         raise ConfigError(field, f"must be in {left}{lo_s}, {hi_s}{right}, got {value:g}")
+
+
+class StorageFull(RuntimeError):
+    """The storage ran out of space mid-sweep: the sweep ends with one line; --resume completes it."""
+
+
+NO_SPACE = "No space left on device"
+
+
+def is_no_space(e: BaseException | str) -> bool:
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return NO_SPACE in str(e)

@@ -187,8 +187,8 @@ class NODEConfig:
         for field in ("width", "layers", "stem_channels", "max_num_steps"):
             if int(getattr(self, field)) < 1:
                 raise ConfigError(field, f"must be an integer >= 1, got {getattr(self, field)}")
-        if self.step_size < 0:
-            raise ConfigError("step_size", f"must be >= 0, got {self.step_size}")
+        if not (self.step_size >= 0 and math.isfinite(self.step_size)):
+            raise ConfigError("step_size", f"must be a finite number >= 0, got {self.step_size}")
         return self
 
 
@@ -303,19 +303,29 @@ def load_checkpoint(path, *, expect_arch: str | tuple[str, ...] | None = None, m
     try:
         ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ConfigError("checkpoint", f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else "empty or truncated file"
+        raise ConfigError("checkpoint", f"cannot read {path}: {type(e).__name__}: {why}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "nodekd-checkpoint-v1":
         raise ConfigError("checkpoint", f"{path} is not a nodekd checkpoint")
+    missing = [k for k in ("arch", "num_classes", "mean", "std", "node", "state_dict") if k not in ckpt]
+    if missing:
+        raise ConfigError("checkpoint", f"{path} is damaged: it lacks {', '.join(missing)}")
     arch = ckpt["arch"]
     if expect_arch is not None:
         allowed = (expect_arch,) if isinstance(expect_arch, str) else tuple(expect_arch)
         if arch not in allowed:
             raise ConfigError("checkpoint", f"{path} holds a {arch!r} model; expected {' or '.join(allowed)}")
-    model = build_model(arch, num_classes=ckpt["num_classes"], mean=ckpt["mean"], std=ckpt["std"], node=ckpt["node"] or None)
+    try:
+        model = build_model(arch, num_classes=ckpt["num_classes"], mean=ckpt["mean"], std=ckpt["std"],
+                            node=ckpt["node"] or None)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError("checkpoint", f"{path} is damaged: cannot build its {arch!r} model: "
+                                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ConfigError("checkpoint", f"{path}: weights do not fit a {arch!r} model: {str(e).splitlines()[0][:200]}") from None
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ConfigError("checkpoint", f"{path}: weights do not fit a {arch!r} model: "
+                                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     return model.eval(), ckpt
 
 

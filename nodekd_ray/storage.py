@@ -35,6 +35,26 @@ from .errors import ConfigError
 TEMP_SUFFIX = ".tmp"
 
 
+class Damaged(Exception):
+    """A result file that exists but cannot be used: truncated, unparsable, of the wrong kind.
+
+    ``str(err)`` is one line: what, where and why.
+    """
+
+    def __init__(self, what: str, where: str, why: str):
+        self.what, self.where, self.why = what, where, why
+        super().__init__(f"damaged {what} {where}: {why}")
+
+    def __reduce__(self):
+        return (Damaged, (self.what, self.where, self.why))
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
 class Storage:
     """Paths and atomic file I/O inside one experiment folder (a local path or a URI)."""
 
@@ -53,6 +73,9 @@ class Storage:
                                              "s3://bucket/prefix, gs://bucket/prefix, file:///abs/path)") from None
             self.base, self.root = base.rstrip("/"), root
         self._made: set[str] = set()
+        self._verified: dict = {}       # (path, size, mtime) -> problem or None, for model checks
+        self._warned: set[str] = set()
+        self.warn = _stderr             # where one-line reports of damaged files go
 
     def __repr__(self):
         return f"Storage({self.name!r})"
@@ -101,9 +124,36 @@ class Storage:
                 if self._type(top) == pafs.FileType.NotFound:
                     raise ConfigError("storage", f"{self.scheme}://{top} does not exist (or these credentials "
                                                  f"cannot see it); create it first: {self.name}")
-            self._type(self.base)
+            kind = self._type(self.base)
         except (OSError, pa.ArrowException) as e:
             raise ConfigError("storage", f"cannot reach {self.name}: {_first_line(e)}") from None
+        if kind == pafs.FileType.File:
+            raise ConfigError("storage", f"{self.name} is a file, not a folder; give a folder (it is created "
+                                         "when missing)")
+
+    def check_writable(self) -> None:
+        """A one-line ConfigError unless files can be written here (a read-only folder, a full disk,
+        credentials that may read but not write), checked before any work starts. Leaves nothing
+        behind: a local folder that does not exist yet is not created (its nearest existing parent
+        is probed instead)."""
+        self.check_reachable()
+        folder = self.base
+        if self.local:
+            while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+                if os.path.exists(folder):
+                    raise ConfigError("storage", f"{folder} is a file, not a folder")
+                folder = os.path.dirname(folder)
+        probe = (os.path.join if self.local else posixpath.join)(folder, f".nodekd-write-probe.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+        try:
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"x" * 65536)
+        except (OSError, pa.ArrowException) as e:
+            raise ConfigError("storage", f"cannot write to {self.name}: {_first_line(e)}") from None
+        finally:
+            try:
+                self.fs.delete_file(probe)
+            except (OSError, pa.ArrowException):
+                pass
 
     # ------------------------------------------------------------------ file I/O
 
@@ -124,8 +174,20 @@ class Storage:
             return f.read()
 
     def read_json(self, path):
+        """The parsed file, or None when there is no such file; Damaged when it does not parse."""
         data = self.read_bytes(path)
-        return None if data is None else json.loads(data)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise Damaged("file", self.url(path), f"not valid JSON ({len(data)} bytes): {_first_line(e)}") from None
+
+    def report(self, problem: str) -> None:
+        """Reports a damaged file once per process, in one line."""
+        if problem not in self._warned:
+            self._warned.add(problem)
+            self.warn(problem)
 
     def makedirs(self, path) -> None:
         if path not in self._made:
@@ -135,12 +197,18 @@ class Storage:
     def temporary(self, path) -> str:
         """A fresh temporary name in path's folder (that folder is created)."""
         folder, name = os.path.split(path) if self.local else posixpath.split(path)
-        self.makedirs(folder)
+        try:
+            self.makedirs(folder)
+        except (OSError, pa.ArrowException) as e:
+            if self.local and os.path.isfile(self.base):
+                raise ConfigError("storage", f"{self.name} is a file, not a folder") from None
+            raise e
         tmp = f".{name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
         return os.path.join(folder, tmp) if self.local else posixpath.join(folder, tmp)
 
     def write_bytes(self, path, data: bytes) -> None:
         """Writes the file atomically: a temporary in the same folder, then a move onto the final name."""
+        _disk_full_fault(path)
         tmp = self.temporary(path)
         try:
             with self.fs.open_output_stream(tmp) as f:
@@ -169,30 +237,105 @@ class Storage:
 
     # ------------------------------------------------------------------ the experiment's records
 
+    def record_state(self, key) -> tuple[dict | None, str | None]:
+        """(record, None); (None, None) when there is none; (None, why) when it is damaged."""
+        path = self.record(key)
+        try:
+            rec = self.read_json(path)
+        except Damaged as e:
+            return None, str(e)
+        if rec is None:
+            return None, None
+        if not isinstance(rec, dict) or not isinstance(rec.get("status"), str) or rec.get("key") != key:
+            return None, str(Damaged("record", self.url(path), f"not a trial record of {key}"))
+        return rec, None
+
     def read_record(self, key) -> dict | None:
-        return self.read_json(self.record(key))
+        """The job's record; None when there is none or it is damaged (reported once, then redone)."""
+        rec, problem = self.record_state(key)
+        if problem:
+            self.report(f"{problem}; the job is redone")
+        return rec
 
     def write_record(self, key, rec: dict) -> None:
         self.write_json(rec, self.record(key))
 
+    def model_problem(self, key, rec: dict | None, expect_arch=None) -> str | None:
+        """Why the finished model of ``key`` cannot be used, or None when it can.
+
+        A record written since model hashes exist holds the model's size and SHA-256: the file
+        must match both (a truncated, swapped or rewritten file does not). An older record is
+        checked by loading the checkpoint with the expected architecture. Results are cached per
+        (path, size, mtime), so a sweep reads each model once.
+        """
+        path = self.model(key)
+        info = self.fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            return f"missing model {self.url(path)}"
+        tag = (path, info.size, info.mtime_ns, (rec or {}).get("model_sha256"), str(expect_arch))
+        if tag not in self._verified:
+            self._verified[tag] = self._check_model(path, info.size, rec or {}, expect_arch)
+        return self._verified[tag]
+
+    def _check_model(self, path, size, rec, expect_arch) -> str | None:
+        where = self.url(path)
+        want_size, want_sha = rec.get("model_bytes"), rec.get("model_sha256")
+        if want_sha:
+            if want_size is not None and size != want_size:
+                return str(Damaged("model", where, f"{size} bytes, {want_size} were written (truncated or replaced)"))
+            data = self.read_bytes(path)
+            if data is None or hashlib.sha256(data).hexdigest() != want_sha:
+                return str(Damaged("model", where, "its SHA-256 differs from the one recorded when it was written"))
+            return None
+        import io
+
+        from .models import load_checkpoint
+
+        data = self.read_bytes(path)
+        try:
+            load_checkpoint(io.BytesIO(data or b""), name=where, expect_arch=expect_arch)
+        except ConfigError as e:
+            return str(Damaged("model", where, e.message))
+        return None
+
     def done(self, job) -> bool:
+        """True when the job's record says done and its model checks out (see model_problem)."""
         rec = self.read_record(job.key)
-        return rec is not None and rec.get("status") == "done" and self.exists(self.model(job.key))
+        if rec is None or rec.get("status") != "done":
+            return False
+        problem = self.model_problem(job.key, rec, getattr(job, "arch", "node"))
+        if problem:
+            self.report(f"{problem}; the job is redone")
+        return problem is None
+
+    def stale_done(self, job) -> bool:
+        """The record says done but the model is missing or damaged: to be redone, never 'unfinished'."""
+        rec = self.read_record(job.key)
+        return rec is not None and rec.get("status") == "done" and not self.done(job)
 
     def records(self) -> list[dict]:
+        """Every readable trial record; damaged ones are reported in one line each and left out,
+        files that are not records (other names, hidden temporaries) ignored."""
         out = []
         for path in self.files(self.path("records")):
             name = _base_name(path)
             if name.endswith(".json") and not name.startswith("."):
-                rec = self.read_json(path)
-                if rec is not None:
+                rec, problem = self.record_state(name[:-len(".json")])
+                if problem:
+                    self.report(f"{problem}; left out")
+                elif rec is not None:
                     out.append(rec)
         return out
 
     def check_settings(self, settings, *, create: bool) -> None:
         """Refuses a folder made with other scale settings (their results would mix)."""
         mine = settings.to_dict()
-        theirs = self.read_json(self.path("settings.json"))
+        try:
+            theirs = self.read_json(self.path("settings.json"))
+        except Damaged as e:  # the records keep every job's own config; the folder's settings are rewritten
+            self.report(f"{e}; rewritten with this run's settings")
+            theirs = None
+            create = True
         if theirs is not None:
             if theirs != mine:
                 diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -202,13 +345,16 @@ class Storage:
             self.write_json(mine, self.path("settings.json"))
 
     def remove_stale_temporaries(self) -> int:
-        """Deletes temporaries left by killed writers (never under a final name); Tune's folder is Tune's."""
+        """Deletes temporaries left by killed writers (never under a final name). Only a run that
+        holds the folder's lock (lock.py) calls it, so no other sweep is writing here; Tune's folder
+        is Tune's, and report/ may be written by a ``nodekd report`` running beside the sweep."""
         top = self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
         paths = [i.path for i in top if i.type == pafs.FileType.File]
         for i in top:
-            if i.type == pafs.FileType.Directory and i.base_name != "tune":
+            if i.type == pafs.FileType.Directory and i.base_name not in ("tune", "report"):
                 paths += self.files(i.path, recursive=True)
-        stale = [p for p in paths if _base_name(p).startswith(".") and p.endswith(TEMP_SUFFIX)]
+        stale = [p for p in paths if _base_name(p).startswith(".") and p.endswith(TEMP_SUFFIX)
+                 and not _base_name(p).startswith(".lock.json.")]   # the live lock's heartbeat
         for p in stale:
             self.delete(p)
         return len(stale)
@@ -251,6 +397,18 @@ class Storage:
             f.write(data)
         os.replace(tmp, local_path)
         return True
+
+
+def _disk_full_fault(path: str) -> None:
+    """Fault injection for tests: $NODEKD_FAULTS {"disk_full": {"key": substring}} makes every write
+    to a path containing the substring fail as on a full disk, for as long as it is set."""
+    spec = os.environ.get("NODEKD_FAULTS")
+    if spec and "disk_full" in spec:
+        key = json.loads(spec).get("disk_full", {}).get("key")
+        if key and key in path.replace(os.sep, "/"):
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
 def _first_line(e: BaseException) -> str:

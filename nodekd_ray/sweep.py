@@ -19,6 +19,7 @@ trained for Table 1 is reused by Table 2, and a rerun skips every job whose outp
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -35,7 +36,7 @@ from .devices import describe_device, placement_device
 from .errors import ConfigError, check_choice, check_range
 from .kd import LOGIT_MODES, compute_logit_table, validate_kd
 from .models import RESNET_DEPTHS, NODEConfig, ODESolveError, checkpoint_state, load_checkpoint
-from .storage import Storage
+from .storage import Damaged, Storage
 from .train import StudentConfig, TeacherConfig, train_student, train_teacher
 
 TEACHERS = tuple(RESNET_DEPTHS)            # resnet20 ... resnet110
@@ -355,19 +356,24 @@ def logit_table(teacher_job: TeacherJob, mode: str, settings: Settings, storage:
                 data: tuple[ImageSet, ImageSet], *, device="auto", held=None) -> np.ndarray:
     """The teacher's logit table over the students' training set, computed once and cached.
 
-    Its .json sidecar says how many teacher forwards made it, on which device, holding which GPUs
-    (``held``: the scheduler's assignment; it decides the device, see devices.py); a cached table
-    costs none.
+    Its .json sidecar, written after the table, says how many teacher forwards made it, on which
+    device, holding which GPUs (``held``: the scheduler's assignment; it decides the device, see
+    devices.py), the table's SHA-256 and the SHA-256 of the teacher model it came from. A cached
+    table costs none; one that does not check out (see logits_problem: damaged, or made by a
+    teacher that has since been retrained) is reported in one line and computed again.
     """
     path = storage.logits(teacher_job.key, mode)
-    cached = storage.read_bytes(path)
-    if cached is not None:
-        return np.load(io.BytesIO(cached))
     device = placement_device(held) if held is not None else device
     probe = student_config(StudentJob(teacher_job.dataset, 1.0, teacher_job.seed, teacher_job.arch, 10.0, 0.9, mode),
                            settings, device=device)
     train, _ = _limited(data, probe)
-    teacher, _ = load_model(storage, teacher_job.key, expect_arch=teacher_job.arch)
+    teacher_rec = storage.read_record(teacher_job.key) or {}
+    cached, problem = _cached_logits(storage, teacher_job, mode, teacher_rec, len(train), train.num_classes)
+    if cached is not None:
+        return cached
+    if problem:
+        storage.report(f"{problem}; computing it again")
+    teacher, _ = load_model(storage, teacher_job.key, expect_arch=teacher_job.arch, rec=teacher_rec)
     if fault("fail_logits", teacher_job.key, storage):
         raise InjectedFault(f"injected failure in the logits of {teacher_job.key}")
     pad, _ = probe.augment()
@@ -380,26 +386,81 @@ def logit_table(teacher_job: TeacherJob, mode: str, settings: Settings, storage:
     views = table.shape[1] if table.ndim == 3 else 1
     storage.write_json({"teacher": teacher_job.key, "mode": mode, "shape": list(table.shape),
                         "teacher_forward_images": len(train) * views, "seconds": seconds,
+                        "sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+                        "teacher_sha256": teacher_rec.get("model_sha256"),
                         "device": describe_device(probe.torch_device()), **_held(held)},
                        storage.logits(teacher_job.key, mode, "json"))
     return table
 
 
-def load_model(storage: Storage, key: str, **kw):
-    """(model, checkpoint dict) of a finished job, from any storage."""
+def _cached_logits(storage: Storage, teacher_job, mode, teacher_rec, n, num_classes):
+    """(table, None) for a cached table that checks out; (None, why) or (None, None) when none is cached."""
+    path = storage.logits(teacher_job.key, mode)
+    data = storage.read_bytes(path)
+    if data is None:
+        return None, None
+    problem = logits_problem(storage, teacher_job, mode, teacher_rec, data, n, num_classes)
+    if problem:
+        return None, problem
+    return np.load(io.BytesIO(data)), None
+
+
+def logits_problem(storage: Storage, teacher_job, mode, teacher_rec, data: bytes, n=None, num_classes=None):
+    """Why a cached logits table cannot be used, or None. Checks the sidecar (written last), the
+    table's SHA-256, shape and values, and that it came from the teacher model that is there now."""
+    path = storage.logits(teacher_job.key, mode)
+    where = storage.url(path)
+    try:
+        side = storage.read_json(storage.logits(teacher_job.key, mode, "json"))
+    except Exception as e:  # noqa: BLE001 - Damaged
+        return f"{e} (sidecar of {where})"
+    if not isinstance(side, dict):
+        return str(Damaged("logits", where, "its .json sidecar is missing (written last: the table may be partial)"))
+    if side.get("sha256") and hashlib.sha256(data).hexdigest() != side["sha256"]:
+        return str(Damaged("logits", where, f"{len(data)} bytes whose SHA-256 differs from the one written"))
+    try:
+        table = np.load(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - truncated, not a .npy
+        return str(Damaged("logits", where, f"not a readable .npy: {type(e).__name__}"))
+    ok = (table.ndim in (2, 3) and list(table.shape) == list(side.get("shape", table.shape))
+          and (n is None or table.shape[0] == n) and (num_classes is None or table.shape[-1] == num_classes))
+    if not ok:
+        return str(Damaged("logits", where, f"shape {list(table.shape)}, expected ({n}, ..., {num_classes})"))
+    if not np.isfinite(table).all():
+        return str(Damaged("logits", where, "holds NaN or inf"))
+    made_by, now = side.get("teacher_sha256"), teacher_rec.get("model_sha256")
+    if made_by and now and made_by != now:
+        return str(Damaged("logits", where, f"made by an earlier {teacher_job.key} (the teacher was retrained since)"))
+    return None
+
+
+def load_model(storage: Storage, key: str, *, expect_arch=None, rec: dict | None = None):
+    """(model, checkpoint dict) of a finished job, from any storage. With the job's record, the
+    file must be the one that was written (size and SHA-256); either way it must load as
+    ``expect_arch`` with fitting weights. A bad file is a one-line ConfigError("checkpoint", ...)."""
     path = storage.model(key)
     data = storage.read_bytes(path)
     if data is None:
         raise ConfigError("checkpoint", f"no such file: {storage.url(path)}")
-    return load_checkpoint(io.BytesIO(data), name=storage.url(path), **kw)
+    if rec and rec.get("model_sha256") and hashlib.sha256(data).hexdigest() != rec["model_sha256"]:
+        raise ConfigError("checkpoint", f"damaged model {storage.url(path)}: {len(data)} bytes whose SHA-256 differs "
+                                        "from the one recorded when it was written; rerun the sweep to retrain it")
+    return load_checkpoint(io.BytesIO(data), name=storage.url(path), expect_arch=expect_arch)
 
 
-def save_model(storage: Storage, key: str, model, ckpt: dict) -> None:
+def save_model(storage: Storage, key: str, model, ckpt: dict) -> dict:
+    """Writes the checkpoint atomically; returns its size and SHA-256 for the job's record."""
     import torch
 
     buf = io.BytesIO()
     torch.save(checkpoint_state(model, **ckpt), buf)
-    storage.write_bytes(storage.model(key), buf.getvalue())
+    data = buf.getvalue()
+    storage.write_bytes(storage.model(key), data)
+    return {"model_bytes": len(data), "model_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def expected_arch(job) -> str:
+    return job.arch if isinstance(job, TeacherJob) else "node"
 
 
 class _TensorBoardDir:
@@ -489,7 +550,8 @@ def run_training(job, settings: Settings, storage: Storage, data, *, table=None,
         else:
             teacher = None
             if job.kd and job.logits_mode == "online":
-                teacher, _ = load_model(storage, job.teacher_job.key, expect_arch=job.teacher)
+                teacher, _ = load_model(storage, job.teacher_job.key, expect_arch=job.teacher,
+                                        rec=storage.read_record(job.teacher_job.key))
                 teacher_loads = 1
             model, history, ckpt = train_student(cfg, teacher=teacher, table=table, data=(train, test),
                                                  soft_out=holder, **fit_kw)
@@ -497,16 +559,19 @@ def run_training(job, settings: Settings, storage: Storage, data, *, table=None,
         storage.write_record(job.key, {**rec, "status": "failed", "deterministic": True, "error": f"ODESolveError: {e}"})
         raise
     except BaseException as e:
-        storage.write_record(job.key, {**rec, "status": "interrupted", "error": f"{type(e).__name__}: {e}"})
+        try:
+            storage.write_record(job.key, {**rec, "status": "interrupted", "error": f"{type(e).__name__}: {e}"})
+        except OSError:  # a full disk: the trial's own error says so
+            pass
         raise
     final = dict(history[-1])
     if not is_teacher:
         final.update(teacher_forwards=ckpt["meta"]["teacher_forwards"], teacher_checkpoint_loads=teacher_loads)
-    save_model(storage, job.key, model, ckpt)
+    written = save_model(storage, job.key, model, ckpt)
     _hparams(tb.local, rec, final)
     tb.sync()
     storage.write_record(job.key, {**rec, "status": "done", "history": history, "final": final,
-                                   "test_accuracy": final["test_accuracy"], "error": None})
+                                   "test_accuracy": final["test_accuracy"], "error": None, **written})
     return final
 
 
@@ -546,6 +611,7 @@ _FILE_FIELDS = [
     pa.field("chunk", pa.string()),
     pa.field("device", pa.string()),           # what the attack ran on: "cpu", "cuda NVIDIA A10G"
     pa.field("held_gpus", pa.string()),        # GPU ids the scheduler assigned to the task ("" for none)
+    pa.field("model_sha256", pa.string()),     # the attacked model file (a retrained model makes these rows stale)
 ]
 # What each Parquet file holds; dataset and attack are the hive partition folders.
 ATTACK_FILE_SCHEMA = pa.schema(_FILE_FIELDS)
@@ -566,7 +632,8 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
     if held is not None:
         device = placement_device(held)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    model, _ = load_model(storage, job.model_key)
+    arch = rec.get("model") if rec.get("kind") == "teacher" else "node"   # a ResNet where a NODE belongs is refused
+    model, _ = load_model(storage, job.model_key, expect_arch=arch, rec=rec)
     test = test.take(settings.attack_images)
     # PGD's random start is seeded by the chunk's first eps, so a rerun of a chunk repeats it exactly
     res = attack_sweep(model, test.images, test.labels, attack=job.attack, eps_list=[e / 255 for e in job.eps_255],
@@ -585,7 +652,7 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
             "clean_accuracy": float(res.clean_correct[m].mean()), "robust_accuracy": float(res.adv_correct[m].mean()),
             "nfe_per_image": float(res.nfe[m].mean()), "seconds": float(res.seconds[e255 / 255]),
             "task_seconds": task_seconds, "chunk": job.key, "device": describe_device(dev),
-            "held_gpus": ",".join(str(g) for g in held or ()),
+            "held_gpus": ",".join(str(g) for g in held or ()), "model_sha256": rec.get("model_sha256"),
         })
     table = pa.Table.from_pylist(rows, schema=ATTACK_FILE_SCHEMA)
     data = parquet_bytes(table)
@@ -610,15 +677,77 @@ def _die_mid_write(storage: Storage, data: bytes, out: str) -> None:
     os._exit(17)
 
 
-def read_attacks(storage: Storage):
-    """All attack results as one pyarrow Table with ATTACK_SCHEMA (empty when there are none)."""
-    import pyarrow.dataset as ds
+def attack_problem(storage: Storage, job: AttackJob, rec: dict | None = None, data: bytes | None = None) -> str | None:
+    """Why the attack file of ``job`` cannot be used, or None when it is complete: it must open as
+    Parquet with ATTACK_FILE_SCHEMA, hold one row per eps of the chunk for this model, and have
+    been made from the model file that is there now (its SHA-256; files from before hashes were
+    recorded have none and are accepted)."""
+    path = storage.attack_file(job)
+    data = storage.read_bytes(path) if data is None else data
+    if data is None:
+        return f"missing attack file {storage.url(path)}"
+    rec = storage.read_record(job.model_key) if rec is None else rec
+    return _attack_table_problem(storage.url(path), data, job.model_key, job.eps_255, (rec or {}).get("model_sha256"))[1]
 
+
+def _attack_table_problem(where, data, model_key=None, eps_255=None, model_sha=None):
+    """(table, None) or (None, why) for one attack file's bytes."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except Exception as e:  # noqa: BLE001 - ArrowInvalid on truncated files, OSError
+        return None, str(Damaged("attack file", where, f"not readable Parquet ({len(data)} bytes): "
+                                                       f"{type(e).__name__}"))
+    names = [f.name for f in ATTACK_FILE_SCHEMA]
+    if table.schema.names == names[:-1]:     # written before model_sha256 existed
+        table = table.append_column("model_sha256", pa.nulls(len(table), pa.string()))
+    if not table.schema.equals(ATTACK_FILE_SCHEMA):
+        return None, str(Damaged("attack file", where, "its columns are not the attack schema's"))
+    rows = table.to_pylist()
+    if model_key is not None:
+        if any(r["model_key"] != model_key for r in rows):
+            return None, str(Damaged("attack file", where, f"holds rows of another model than {model_key}"))
+        if sorted(r["eps_255"] for r in rows) != sorted(float(e) for e in eps_255):
+            return None, str(Damaged("attack file", where, f"{len(rows)} rows for eps {[r['eps_255'] for r in rows]}, "
+                                                           f"expected one per eps of {list(eps_255)}"))
+    if model_sha and any(r["model_sha256"] not in (None, model_sha) for r in rows):
+        return None, str(Damaged("attack file", where, "made from an earlier model file (the model was retrained "
+                                                       "since)"))
+    return table, None
+
+
+def read_attacks(storage: Storage):
+    """All usable attack results as one pyarrow Table with ATTACK_SCHEMA (empty when there are none).
+
+    Each file is checked (see attack_problem); a damaged or stale one is reported in one line
+    and left out. Files that are not attack results (other names, hidden temporaries, folders
+    outside dataset=D/attack=A) are ignored.
+    """
     root = storage.path("results", "attacks")
-    if not storage.isdir(root):
-        return ATTACK_SCHEMA.empty_table()
-    return ds.dataset(root, filesystem=storage.fs, format="parquet", partitioning="hive",
-                      schema=ATTACK_SCHEMA).to_table()
+    tables = []
+    records = {}
+    for path in storage.files(root, recursive=True):
+        parts = path.replace(os.sep, "/").split("/")
+        if (len(parts) < 3 or not parts[-1].endswith(".parquet") or parts[-1].startswith(".")
+                or not parts[-3].startswith("dataset=") or not parts[-2].startswith("attack=")):
+            continue
+        table, problem = _attack_table_problem(storage.url(path), storage.read_bytes(path) or b"")
+        if table is not None and len(table):
+            key = table.column("model_key")[0].as_py()
+            if key not in records:
+                records[key] = storage.read_record(key) or {}
+            sha = records[key].get("model_sha256")
+            if sha and any(v not in (None, sha) for v in table.column("model_sha256").to_pylist()):
+                problem = str(Damaged("attack file", storage.url(path), "made from an earlier model file (the model "
+                                                                        "was retrained since)"))
+        if problem:
+            storage.report(f"{problem}; left out")
+            continue
+        n = len(table)
+        table = table.append_column("dataset", pa.array([parts[-3].split("=", 1)[1]] * n, pa.string()))
+        tables.append(table.append_column("attack", pa.array([parts[-2].split("=", 1)[1]] * n, pa.string())))
+    return pa.concat_tables(tables) if tables else ATTACK_SCHEMA.empty_table()
 
 
 # ----------------------------------------------------------------------------- the paper's sweeps

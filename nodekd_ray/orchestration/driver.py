@@ -37,9 +37,11 @@ import numpy as np
 
 from ..data import ImageSet, load_dataset
 from ..devices import LOGICAL_GPUS_ENV
-from ..errors import ConfigError
-from ..sweep import (AttackJob, Settings, Storage, StudentJob, TeacherJob, logit_table, longest_first, plan,
-                     run_attack, run_training)
+from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
+from ..lock import StorageLock
+from ..storage import Damaged
+from ..sweep import (AttackJob, Settings, Storage, StudentJob, TeacherJob, attack_problem, logit_table,
+                     longest_first, plan, run_attack, run_training)
 
 FORWARDED_ENV = ("NODEKD_FAULTS", LOGICAL_GPUS_ENV)   # reach every Ray worker through runtime_env
 
@@ -218,8 +220,23 @@ class SweepFailed(RuntimeError):
     pass
 
 
+def _refused(storage: Storage, existed: bool, err: Exception) -> Exception:
+    """Marks an error raised before any work: run_sweep then removes a folder it created only
+    for its lock (a local folder only when it is empty), so a refused sweep leaves nothing behind."""
+    err.before_work = not existed
+    return err
+
+
 class SweepInterrupted(KeyboardInterrupt):
     pass
+
+
+def _remove_new_folder(storage: Storage) -> None:
+    try:
+        if storage.local:
+            os.rmdir(storage.base)
+    except OSError:
+        pass
 
 
 def stages(p, settings: Settings) -> dict:
@@ -236,24 +253,47 @@ def stages(p, settings: Settings) -> dict:
 
 def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resources = Resources(), resume=False,
               address=None, num_cpus=None, log=print) -> dict:
-    """Runs every stage of the given sweeps into one storage folder; returns a summary dict."""
-    import ray
-
+    """Runs every stage of the given sweeps into one storage folder, holding its lock (lock.py);
+    returns a summary dict."""
     specs = [s.validate() for s in specs]
     settings.validate()
     resources.validate()
     p = plan(specs, eps_per_task=settings.eps_per_task)
     staged = stages(p, settings)
     storage = Storage(storage_root)
-    storage.check_reachable()
+    storage.warn = log
+    storage.check_writable()
     sweep_name = "+".join(s.name for s in specs)
+    existed = storage.isdir(storage.base)
+    lock = StorageLock(storage, f"the {sweep_name} sweep", log=log).acquire()
+    try:
+        return _run_sweep(p, staged, specs, settings, storage, sweep_name, resources, resume, address, num_cpus,
+                          log, existed)
+    except ConfigError as e:
+        lock.release()
+        if getattr(e, "before_work", False):
+            _remove_new_folder(storage)
+        raise
+    finally:
+        lock.release()
+
+
+def _run_sweep(p, staged, specs, settings, storage, sweep_name, resources, resume, address, num_cpus, log,
+               existed) -> dict:
+    """run_sweep's work, inside the storage folder's lock."""
+    import ray
+
     for stage, jobs in staged.items():
+        # a job whose record says done but whose model is missing or damaged is simply redone
         if (_experiments(storage, f"{sweep_name}-{stage}") and not resume
-                and any(not storage.done(j) for j in jobs)):
-            raise ConfigError("resume", f"{storage.name} holds unfinished trials of the '{sweep_name}' sweep "
-                                        "(interrupted or failed); rerun with --resume to continue it, or use "
-                                        "another --storage")
-    storage.check_settings(settings, create=False)
+                and any(not storage.done(j) and not storage.stale_done(j) for j in jobs)):
+            raise _refused(storage, existed, ConfigError(
+                "resume", f"{storage.name} holds unfinished trials of the '{sweep_name}' sweep (interrupted or "
+                          "failed); rerun with --resume to continue it, or use another --storage"))
+    try:
+        storage.check_settings(settings, create=False)
+    except ConfigError as e:
+        raise _refused(storage, existed, e) from None
     stale = storage.remove_stale_temporaries()
     if stale:
         log(f"removed {stale} partial file(s) left by killed writers")
@@ -278,11 +318,14 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
         except ray.exceptions.RayTaskError as e:
             cause = e.as_instanceof_cause()
             if isinstance(cause, ConfigError):
-                raise ConfigError(cause.field, cause.message) from None
+                raise _refused(storage, existed, ConfigError(cause.field, cause.message)) from None
             raise
     summary["seconds"]["data"] = time.perf_counter() - t0
     try:  # only now: a missing data file leaves nothing behind
         storage.check_settings(settings, create=True)
+        # what this sweep set out to make, for `nodekd verify` (which lists what is missing)
+        storage.write_json({"models": [j.key for j in p.jobs()], "attacks": [job_to_dict(a) for a in p.attacks]},
+                           storage.path("plans", f"{sweep_name}.json"))
     except OSError as e:  # e.g. a read-only folder, credentials that may read but not write
         raise ConfigError("storage", f"cannot write to {storage.name}: {str(e).strip().splitlines()[0]}") from None
 
@@ -413,8 +456,9 @@ def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> Non
         log(f"{name}: resuming the Tune experiment in {storage.url(existing[-1])}")
         tuner = tune.Tuner.restore(existing[-1], trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
-        held = set(storage.read_json(existing[-1] + ".jobs.json") or [])
+        held = set(_read_json(storage, existing[-1] + ".jobs.json") or [])
         errored |= _fit(tuner, name, [j for j in jobs if j.key in held], storage, log)
+        # left: jobs no experiment held yet, and jobs Tune finished whose output is missing or damaged
         todo = [j for j in jobs if not storage.done(j) and j.key not in errored]
     if not todo:
         return
@@ -442,15 +486,45 @@ def _tune_filesystem(storage: Storage):
 
 
 def _fit(tuner, name, jobs, storage, log) -> set[str]:
-    """Runs a Tuner over ``jobs``; returns the keys of errored trials; raises SweepInterrupted on Ctrl-C."""
+    """Runs a Tuner over ``jobs``; returns the keys of errored trials; raises SweepInterrupted on
+    Ctrl-C and StorageFull when trials failed for lack of space.
+
+    A job that Tune finished but whose output is missing or damaged (a deleted or truncated model
+    file, a damaged record) is not 'interrupted': the caller redoes it in a new experiment.
+    """
     results = tuner.fit()
-    errored = {r.config["job"]["key"] for r in results if r.error is not None and r.config}
-    stopped = [j.key for j in jobs if not storage.done(j) and j.key not in errored]
+    errors = {r.config["job"]["key"]: r.error for r in results if r.error is not None and r.config}
+    full = [k for k, e in errors.items() if is_no_space(e)]
+    if full:
+        raise StorageFull(f"storage: {NO_SPACE} in {storage.name} ({len(full)} trial(s) failed writing, e.g. "
+                          f"{full[0]}); free space, then rerun with --resume to continue")
+    finished = _terminated(results)
+    stopped = [j.key for j in jobs if not storage.done(j) and j.key not in errors and j.key not in finished]
     if stopped:  # Tune returns from fit() on Ctrl-C, with its state saved
         raise SweepInterrupted(f"{name}: interrupted with {len(stopped)} trial(s) unfinished; "
                                "rerun with --resume to continue")
-    log(f"{name}: {len(results) - len(errored)} trials finished, {len(errored)} failed")
-    return errored
+    redo = [j.key for j in jobs if j.key in finished and not storage.done(j)]
+    if redo:
+        log(f"{name}: {len(redo)} trial(s) finished before but their results are missing or damaged; redoing them")
+    log(f"{name}: {len(results) - len(errors) - len(redo)} trials finished, {len(errors)} failed")
+    return set(errors)
+
+
+def _terminated(results) -> set[str]:
+    """Keys of the trials Tune ran to the end (status TERMINATED) in a ResultGrid."""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None)
+    if trials is None:  # not exposed by this Ray version: a record saying "done" is the evidence
+        return {r.config["job"]["key"] for r in results if r.config and r.error is None and r.metrics.get("done")}
+    return {t.config["job"]["key"] for t in trials if t.status == "TERMINATED" and t.config}
+
+
+def _read_json(storage: Storage, path):
+    """A bookkeeping file; a damaged one is reported and read as absent."""
+    try:
+        return storage.read_json(path)
+    except Damaged as e:
+        storage.report(f"{e}; ignored")
+        return None
 
 
 def _trial_name(trial) -> str:
@@ -462,7 +536,13 @@ def _attack_stage(jobs, storage, settings, res, resources, data_refs, failed, lo
 
     task = ray.remote(_attack_task).options(num_cpus=res["cpu"], num_gpus=res["gpu"],
                                             max_retries=resources.attack_retries)
-    todo = [j for j in jobs if not storage.exists(storage.attack_file(j))]
+    todo = []
+    for j in jobs:
+        problem = attack_problem(storage, j)
+        if problem and not problem.startswith("missing"):
+            log(f"attacks: {problem}; redoing it")
+        if problem:
+            todo.append(j)
     runnable = [j for j in todo if j.model_key not in failed]
     skipped = len(todo) - len(runnable)
     log(f"attacks: {len(jobs)} tasks, {len(jobs) - len(todo)} already written, {len(runnable)} to run"

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..data import DATASETS
-from ..errors import ConfigError
+from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
 from ..sweep import SMOKE, Settings, SweepSpec, expected_cost, job_config, list_schedule, plan
 from .driver import Resources, run_sweep, stages
 
@@ -115,6 +115,15 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
         print(f"{prog}: {e or 'interrupted'}; finished trials and files are kept: rerun with --resume",
               file=sys.stderr)
         return 130
+    except StorageFull as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if not is_no_space(e):
+            raise
+        print(f"{prog}: storage: {NO_SPACE} ({e.filename or e}); free space, then rerun with --resume",
+              file=sys.stderr)
+        return 1
     return print_summary(summary)
 
 

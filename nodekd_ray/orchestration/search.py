@@ -13,6 +13,7 @@ import math
 import os
 
 from ..errors import ConfigError
+from ..lock import StorageLock
 from ..sweep import Settings, Storage, StudentJob, SweepSpec, TeacherJob, student_config
 from .driver import Resources, SweepFailed, _data_ref, _tune_filesystem, logit_tables, run_sweep, train_trial
 
@@ -73,11 +74,6 @@ def run_search(*, dataset: str, teacher: str, t1: float, logits_mode: str, num_s
     TPE sees every earlier trial (finished or pruned) and only the missing samples run. Returns
     the best (lam, T) among full-length trials.
     """
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-    from ray import tune
-
     if num_samples < 1:
         raise ConfigError("num_samples", f"must be >= 1, got {num_samples}")
     if not (0 <= lam_range[0] < lam_range[1] <= 1):
@@ -87,6 +83,21 @@ def run_search(*, dataset: str, teacher: str, t1: float, logits_mode: str, num_s
     probe = StudentJob(dataset, float(t1), 0, teacher, 10.0, 0.9, logits_mode)
     epochs = student_config(probe, settings).resolved_epochs()
     scheduler = search_scheduler(epochs, grace_fraction)
+    storage = Storage(storage_root)
+    storage.check_writable()
+    with StorageLock(storage, f"lam/T search of {teacher} on {dataset}", log=log):
+        return _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_root, resources, lam_range,
+                       T_range, grace_fraction, address, num_cpus, log, probe, epochs, scheduler)
+
+
+def _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_root, resources, lam_range, T_range,
+            grace_fraction, address, num_cpus, log, probe, epochs, scheduler) -> dict:
+    """run_search's work, inside the storage folder's lock."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from ray import tune
+
     teacher_spec = SweepSpec(f"search-{dataset}", datasets=(dataset,), teachers=(teacher,))
     summary = run_sweep([teacher_spec], settings, storage_root, resources=resources, address=address,
                         num_cpus=num_cpus, log=log, resume=True)
