@@ -309,8 +309,11 @@ class Storage:
         return problem is None
 
     def stale_done(self, job) -> bool:
-        """The record says done but the model is missing or damaged: to be redone, never 'unfinished'."""
-        rec = self.read_record(job.key)
+        """The job's record is damaged, or says done while the model is missing or damaged: the job
+        is redone, and never counts as an 'unfinished' trial that only --resume may continue."""
+        rec, problem = self.record_state(job.key)
+        if problem:
+            return True
         return rec is not None and rec.get("status") == "done" and not self.done(job)
 
     def records(self) -> list[dict]:

@@ -733,6 +733,9 @@ def read_attacks(storage: Storage):
                 or not parts[-3].startswith("dataset=") or not parts[-2].startswith("attack=")):
             continue
         table, problem = _attack_table_problem(storage.url(path), storage.read_bytes(path) or b"")
+        if table is not None and any(c != parts[-1][:-len(".parquet")] for c in table.column("chunk").to_pylist()):
+            table, problem = None, str(Damaged("attack file", storage.url(path), "holds the rows of another file "
+                                                                                  "(its chunk column names another)"))
         if table is not None and len(table):
             key = table.column("model_key")[0].as_py()
             if key not in records:

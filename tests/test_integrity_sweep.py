@@ -1,0 +1,98 @@
+"""Verified reads through the real driver on a local Ray instance: two sweeps on one folder, a
+finished folder damaged in several ways at once and completed by --resume, and a disk that fills
+up mid-sweep."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from nodekd_ray import sweep as S
+from test_orchestration import ROOT, attack_files, rows, sweep
+
+MODELS = ("teacher-digits-resnet20-s0", "node-digits-t1-s0", "kd-digits-t1-resnet20-T3-lam0.9-s0")
+
+
+def _truncate(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def verify(store):
+    return subprocess.run([sys.executable, "-m", "nodekd_ray.cli", "verify", str(store)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_one_sweep_per_folder_and_resume_redoes_every_damaged_result(tmp_path):
+    store = tmp_path / "store"
+    a = sweep("figure1.py", store, "--temperatures", "3", wait=False)
+    lock = store / "lock.json"
+    deadline = time.time() + 300
+    while not lock.exists() and a.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    holder = json.loads(lock.read_text())
+    assert holder["pid"] == a.pid and holder["host"] == socket.gethostname()
+    # a second sweep, and a --resume, into the same folder while the first runs: refused in one line
+    for extra in ((), ("--resume",)):
+        b = sweep("figure1.py", store, "--temperatures", "3", *extra)
+        assert b.returncode == 2, b.stdout + b.stderr
+        assert b.stderr.strip().startswith(f"figure1.py: error: storage: {store} is in use by the figure1 sweep on "
+                                           f"host {socket.gethostname()} pid {a.pid}, started ")
+        assert len(b.stderr.strip().splitlines()) == 1, b.stderr
+    out, _ = a.communicate(timeout=900)
+    assert a.returncode == 0, out[-3000:]
+    assert not lock.exists()
+    assert len(rows(store)) == 36 and verify(store).returncode == 0
+
+    # damage the finished folder in several ways at once
+    st = S.Storage(str(store))
+    teacher, node, kd = MODELS
+    bad_parquet = next(p for p in attack_files(str(store)) if os.path.basename(p).startswith(f"{node}-mifgsm"))
+    _truncate(bad_parquet)
+    _truncate(st.record(kd))                                   # the KD student's record
+    os.remove(st.model(node))                                  # the NODE's model; its record says done
+    _truncate(st.logits(teacher, "paper"))                     # the cached teacher logits
+    v = verify(store)
+    assert v.returncode == 1, v.stdout
+    damaged = [x for x in v.stdout.splitlines() if x.startswith("DAMAGED")]
+    assert len(damaged) == 4, v.stdout
+    assert any(bad_parquet in x and "not readable Parquet" in x for x in damaged)
+    assert any(f"records/{kd}.json: not valid JSON" in x for x in damaged)
+    assert any(f"missing model {st.model(node)} (its record says done)" in x for x in damaged)
+    assert any("damaged logits" in x for x in damaged)
+
+    r = sweep("figure1.py", store, "--temperatures", "3", "--resume")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "finished before but their results are missing or damaged; redoing them" in out
+    assert "not readable Parquet" in out and "redoing it" in out
+    assert verify(store).returncode == 0
+    got = rows(store)
+    keys = [(x["model_key"], x["attack"], x["eps_255"]) for x in got]
+    assert len(keys) == len(set(keys)) == 36       # every model x attack x eps exactly once
+    assert {k[0] for k in keys} == set(MODELS)
+    recs = {k: st.read_record(k) for k in MODELS}
+    assert all(x["status"] == "done" for x in recs.values())
+    assert recs[teacher]["attempts"] == 1          # intact: not trained again
+    # the retrained models' attack rows come from the new model files
+    for x in got:
+        assert x["model_sha256"] == recs[x["model_key"]]["model_sha256"]
+
+
+def test_a_full_disk_ends_the_sweep_in_one_line_and_resume_completes_it(tmp_path):
+    store = tmp_path / "store"
+    kd = "kd-digits-t1-resnet20-T3-lam0.9-s0"
+    r = sweep("table2.py", store, "--temperatures", "3", "--max-failures", "0",
+              faults={"disk_full": {"key": f"records/{kd}"}})
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("table2.py:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "rerun with --resume" in lines[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr.split(lines[0])[-1]
+    st = S.Storage(str(store))
+    assert not st.exists(st.path("lock.json"))
+    r = sweep("table2.py", store, "--temperatures", "3", "--resume")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert st.read_record(kd)["status"] == "done" and st.read_record("teacher-digits-resnet20-s0")["attempts"] == 1
