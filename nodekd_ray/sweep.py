@@ -6,8 +6,11 @@ Storage layout (one folder per experiment, a local path or a URI such as s3://bu
 storage.py; every file written atomically):
 
     settings.json                        scale settings shared by every sweep using this folder
+    lock.json                            the running sweep's lock (lock.py): host, pid, heartbeat
+    plans/{sweep}.json                   what each sweep set out to make (for `nodekd verify`)
     models/{key}.pt                      finished models (models.save_checkpoint format)
-    records/{key}.json                   trial records: status, attempts, config, history, error
+    records/{key}.json                   trial records: status, attempts, config, history, error,
+                                         and the model file's size and SHA-256
     logits/{teacher}-{mode}.npy|.json    teacher logit tables and how they were made
     results/attacks/dataset=D/attack=A/{model}-{attack}-eps{a}-{b}.parquet   attack results (ATTACK_SCHEMA)
     tensorboard/{key}/                   per-trial event files (scalars + hparams)
@@ -15,7 +18,9 @@ storage.py; every file written atomically):
     report/                              tables and figure (nodekd report)
 
 Keys name a job by what it is, so sweeps that share a storage folder share work: a teacher
-trained for Table 1 is reused by Table 2, and a rerun skips every job whose output exists.
+trained for Table 1 is reused by Table 2, and a rerun skips every job whose output checks out.
+Every artifact is verified when it is read (Storage.done / model_problem, logits_problem,
+attack_problem): a damaged or stale one is reported in one line and redone.
 """
 from __future__ import annotations
 

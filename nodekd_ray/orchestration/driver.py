@@ -266,16 +266,17 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
     sweep_name = "+".join(s.name for s in specs)
     existed = storage.isdir(storage.base)
     lock = StorageLock(storage, f"the {sweep_name} sweep", log=log).acquire()
+    refused = False
     try:
         return _run_sweep(p, staged, specs, settings, storage, sweep_name, resources, resume, address, num_cpus,
                           log, existed)
     except ConfigError as e:
-        lock.release()
-        if getattr(e, "before_work", False):
-            _remove_new_folder(storage)
+        refused = getattr(e, "before_work", False)
         raise
     finally:
         lock.release()
+        if refused:
+            _remove_new_folder(storage)
 
 
 def _run_sweep(p, staged, specs, settings, storage, sweep_name, resources, resume, address, num_cpus, log,
@@ -454,10 +455,16 @@ def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> Non
     fs = _tune_filesystem(storage)
     if todo and resume and existing and tune.Tuner.can_restore(existing[-1], storage_filesystem=fs):
         log(f"{name}: resuming the Tune experiment in {storage.url(existing[-1])}")
-        tuner = tune.Tuner.restore(existing[-1], trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
-        held = set(_read_json(storage, existing[-1] + ".jobs.json") or [])
-        errored |= _fit(tuner, name, [j for j in jobs if j.key in held], storage, log)
+        try:
+            tuner = tune.Tuner.restore(existing[-1], trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=fs)
+        except Exception as e:  # noqa: BLE001 - Tune's own state is damaged; our records decide what is done
+            log(f"{name}: cannot restore {storage.url(existing[-1])} ({_cause(e)}); its unfinished trials start "
+                "afresh in a new experiment")
+            tuner = None
+        if tuner is not None:
+            held = set(_read_json(storage, existing[-1] + ".jobs.json") or [])
+            errored |= _fit(tuner, name, [j for j in jobs if j.key in held], storage, log)
         # left: jobs no experiment held yet, and jobs Tune finished whose output is missing or damaged
         todo = [j for j in jobs if not storage.done(j) and j.key not in errored]
     if not todo:
