@@ -6,8 +6,11 @@ NODE(100) and their KD students (ResNet44, T = 10 unless --teachers / --temperat
 """
 import sys
 
-from nodekd_ray.orchestration import main
-from nodekd_ray.sweep import PRESETS
+try:  # Ctrl-C while torch and Ray load: one line, exit 130
+    from nodekd_ray.orchestration import main
+    from nodekd_ray.sweep import PRESETS
+except KeyboardInterrupt:
+    sys.exit(print(f"{sys.argv[0]}: interrupted while starting; nothing was written", file=sys.stderr) or 130)
 
 if __name__ == "__main__":
     sys.exit(main([PRESETS["figure1"]], description=__doc__))

@@ -7,8 +7,11 @@ rerun continues. Prints the best (lambda, T) and its test accuracy.
 """
 import sys
 
-from nodekd_ray.errors import ConfigError
-from nodekd_ray.orchestration import Resources, SweepFailed, run_search, settings_from_args, sweep_parser
+try:  # Ctrl-C while torch and Ray load: one line, exit 130
+    from nodekd_ray.errors import ConfigError
+    from nodekd_ray.orchestration import Resources, SweepFailed, run_search, settings_from_args, sweep_parser
+except KeyboardInterrupt:
+    sys.exit(print(f"{sys.argv[0]}: interrupted while starting; nothing was written", file=sys.stderr) or 130)
 
 if __name__ == "__main__":
     ap = sweep_parser(__doc__, default_datasets=("cifar10",))
@@ -38,6 +41,10 @@ if __name__ == "__main__":
     except SweepFailed as e:
         print(f"search_lambda_T.py: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("search_lambda_T.py: interrupted; finished trials and the study are kept: rerun to continue",
+              file=sys.stderr)
+        sys.exit(130)
     print(f"best: lam = {best['best_lam']:.3f}, T = {best['best_T']:.2f}, test accuracy "
           f"{100 * best['best_test_accuracy']:.2f}% over {best['trials']} full-length trials of {best['epochs']} "
           f"epochs ({best['pruned']} stopped early by ASHA; study {best['journal']})")

@@ -96,3 +96,19 @@ def test_a_full_disk_ends_the_sweep_in_one_line_and_resume_completes_it(tmp_path
     r = sweep("table2.py", store, "--temperatures", "3", "--resume")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert st.read_record(kd)["status"] == "done" and st.read_record("teacher-digits-resnet20-s0")["attempts"] == 1
+
+
+def test_ctrl_c_while_starting_is_one_line_and_releases_the_lock(tmp_path):
+    import signal
+
+    store = tmp_path / "store"
+    p = sweep("table1.py", store, wait=False)
+    time.sleep(8)   # importing torch, or starting the local Ray instance
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("sweeps/table1.py: interrupted while starting") or last.startswith(
+        "table1.py: interrupted; finished trials and files are kept: rerun with --resume"), out[-3000:]
+    assert "Traceback" not in out
+    assert not (store / "lock.json").exists()

@@ -112,7 +112,7 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"{prog}: {e or 'interrupted'}; finished trials and files are kept: rerun with --resume",
+        print(f"{prog}: {str(e) or 'interrupted'}; finished trials and files are kept: rerun with --resume",
               file=sys.stderr)
         return 130
     except StorageFull as e:
