@@ -695,8 +695,9 @@ def attack_problem(storage: Storage, job: AttackJob, rec: dict | None = None, da
     return _attack_table_problem(storage.url(path), data, job.model_key, job.eps_255, (rec or {}).get("model_sha256"))[1]
 
 
-def _attack_table_problem(where, data, model_key=None, eps_255=None, model_sha=None):
-    """(table, None) or (None, why) for one attack file's bytes."""
+def _attack_table_problem(where, data, model_key=None, eps_255=None, model_sha=None, chunk=None):
+    """(table, None) or (None, why) for one attack file's bytes; ``chunk``: the file's name
+    without .parquet, which every row's chunk column must repeat."""
     import pyarrow.parquet as pq
 
     try:
@@ -710,16 +711,24 @@ def _attack_table_problem(where, data, model_key=None, eps_255=None, model_sha=N
     if not table.schema.equals(ATTACK_FILE_SCHEMA):
         return None, str(Damaged("attack file", where, "its columns are not the attack schema's"))
     rows = table.to_pylist()
+    if chunk is not None and any(r["chunk"] != chunk for r in rows):
+        return None, str(Damaged("attack file", where, "holds the rows of another file (its chunk column names "
+                                                       "another)"))
     if model_key is not None:
         if any(r["model_key"] != model_key for r in rows):
             return None, str(Damaged("attack file", where, f"holds rows of another model than {model_key}"))
         if sorted(r["eps_255"] for r in rows) != sorted(float(e) for e in eps_255):
             return None, str(Damaged("attack file", where, f"{len(rows)} rows for eps {[r['eps_255'] for r in rows]}, "
                                                            f"expected one per eps of {list(eps_255)}"))
-    if model_sha and any(r["model_sha256"] not in (None, model_sha) for r in rows):
-        return None, str(Damaged("attack file", where, "made from an earlier model file (the model was retrained "
-                                                       "since)"))
-    return table, None
+    stale = _stale_rows(where, table, model_sha)
+    return (None, stale) if stale else (table, None)
+
+
+def _stale_rows(where, table, model_sha) -> str | None:
+    """Rows made from another model file than the one recorded now (files from before hashes pass)."""
+    if model_sha and any(v not in (None, model_sha) for v in table.column("model_sha256").to_pylist()):
+        return str(Damaged("attack file", where, "made from an earlier model file (the model was retrained since)"))
+    return None
 
 
 def read_attacks(storage: Storage):
@@ -737,18 +746,13 @@ def read_attacks(storage: Storage):
         if (len(parts) < 3 or not parts[-1].endswith(".parquet") or parts[-1].startswith(".")
                 or not parts[-3].startswith("dataset=") or not parts[-2].startswith("attack=")):
             continue
-        table, problem = _attack_table_problem(storage.url(path), storage.read_bytes(path) or b"")
-        if table is not None and any(c != parts[-1][:-len(".parquet")] for c in table.column("chunk").to_pylist()):
-            table, problem = None, str(Damaged("attack file", storage.url(path), "holds the rows of another file "
-                                                                                  "(its chunk column names another)"))
+        table, problem = _attack_table_problem(storage.url(path), storage.read_bytes(path) or b"",
+                                               chunk=parts[-1][:-len(".parquet")])
         if table is not None and len(table):
             key = table.column("model_key")[0].as_py()
             if key not in records:
                 records[key] = storage.read_record(key) or {}
-            sha = records[key].get("model_sha256")
-            if sha and any(v not in (None, sha) for v in table.column("model_sha256").to_pylist()):
-                problem = str(Damaged("attack file", storage.url(path), "made from an earlier model file (the model "
-                                                                        "was retrained since)"))
+            problem = _stale_rows(storage.url(path), table, records[key].get("model_sha256"))
         if problem:
             storage.report(f"{problem}; left out")
             continue

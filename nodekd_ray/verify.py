@@ -127,7 +127,7 @@ def verify(root: str) -> VerifyReport:
         name = path.replace("\\", "/").rsplit("/", 1)[-1]
         if path in seen or not name.endswith(".parquet") or name.startswith("."):
             continue
-        table, problem = _attack_table_problem(st.url(path), st.read_bytes(path) or b"")
+        table, problem = _attack_table_problem(st.url(path), st.read_bytes(path) or b"", chunk=name[:-len(".parquet")])
         if problem:
             rep.damaged.append(problem)
         else:
