@@ -9,7 +9,7 @@ import sys
 
 try:  # Ctrl-C while torch and Ray load: one line, exit 130
     from nodekd_ray.errors import ConfigError
-    from nodekd_ray.orchestration import Resources, SweepFailed, run_search, settings_from_args, sweep_parser
+    from nodekd_ray.orchestration import Resources, SweepFailed, exit_now, run_search, settings_from_args, sweep_parser
 except KeyboardInterrupt:
     sys.exit(print(f"{sys.argv[0]}: interrupted while starting; nothing was written", file=sys.stderr) or 130)
 
@@ -44,7 +44,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("search_lambda_T.py: interrupted; finished trials and the study are kept: rerun to continue",
               file=sys.stderr)
-        sys.exit(130)
+        exit_now(130)
     print(f"best: lam = {best['best_lam']:.3f}, T = {best['best_T']:.2f}, test accuracy "
           f"{100 * best['best_test_accuracy']:.2f}% over {best['trials']} full-length trials of {best['epochs']} "
           f"epochs ({best['pruned']} stopped early by ASHA; study {best['journal']})")

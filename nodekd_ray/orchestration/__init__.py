@@ -6,10 +6,10 @@ this package needs Ray installed but starts nothing).
   search   the lambda / T search (Optuna TPE + ASHA over full-length schedules)
   entry    the sweep scripts' command line, --dry-run plans and the printed summary
 """
-from .driver import Resources, SweepFailed, SweepInterrupted, connect, run_sweep, running_cluster, stages
+from .driver import Resources, SweepFailed, SweepInterrupted, connect, exit_now, run_sweep, running_cluster, stages
 from .entry import apply_args, main, print_plan, print_summary, settings_from_args, sweep_parser
 from .search import run_search
 
-__all__ = ["Resources", "SweepFailed", "SweepInterrupted", "apply_args", "connect", "main", "print_plan",
+__all__ = ["Resources", "SweepFailed", "SweepInterrupted", "apply_args", "connect", "exit_now", "main", "print_plan",
            "print_summary", "run_search", "run_sweep", "running_cluster", "settings_from_args", "stages",
            "sweep_parser"]

@@ -9,7 +9,7 @@ import sys
 from ..data import DATASETS
 from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
 from ..sweep import SMOKE, Settings, SweepSpec, expected_cost, job_config, list_schedule, plan
-from .driver import Resources, run_sweep, stages
+from .driver import Resources, exit_now, run_sweep, stages
 
 
 def sweep_parser(description: str, default_datasets=("cifar10", "svhn")) -> argparse.ArgumentParser:
@@ -114,6 +114,8 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
     except KeyboardInterrupt as e:
         print(f"{prog}: {str(e) or 'interrupted'}; finished trials and files are kept: rerun with --resume",
               file=sys.stderr)
+        if argv is None:   # a sweep script, not a caller in this process
+            exit_now(130)
         return 130
     except StorageFull as e:
         print(f"{prog}: {e}", file=sys.stderr)
