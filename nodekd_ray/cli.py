@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--max-num-steps", type=int, default=10_000, help="step limit per solve (adaptive solvers)")
     n.add_argument("--step-size", type=float, default=0.0, help="step of fixed-step solvers (0: t1/10)")
     n.add_argument("--adjoint", action="store_true", help="backpropagate with odeint_adjoint")
-    n.add_argument("--time-input", default="scaled", help=f"time channel of f: {', '.join(TIME_INPUTS)}")
+    n.add_argument("--time-input", default="raw", help=f"time channel of f: {', '.join(TIME_INPUTS)} (raw: t, as torchdiffeq's ODE-Net)")
     _common(s)
 
     a = sub.add_parser("attack", help="attack one model on one data set over a list of eps",

@@ -9,8 +9,12 @@ torchdiffeq's ODE-Net example (examples/odenet_mnist.py):
   * stem: conv3x3(3->64) GN ReLU, conv4x4/2(64->128) GN ReLU, conv4x4/2(128->width): 32x32 -> 8x8;
   * dynamics f(t, h): four [GroupNorm -> ReLU -> conv3x3(width (+1 time channel) -> width)],
     then a final GroupNorm, as in torchdiffeq's ODEfunc;
-  * time input: by default the channel carries t / t1 ("scaled"), so its size stays in [0, 1]
-    for t1 = 100 or 500 (a raw t of 500 would dominate every conv); "raw" and "none" also offered;
+  * time input: by default the extra channel carries t itself ("raw"), as in torchdiffeq's
+    ODE-Net (ConcatConv2d). "scaled" (t / t1) and "none" are offered, but with "scaled" the horizon
+    is only a reparametrisation: substituting s = t / t1, NODE(t1) is exactly NODE(1) with the
+    final GroupNorm's affine multiplied by t1 (tests/test_models.py shows it), so a "scaled"
+    NODE(100) can learn nothing that a NODE(1) cannot. With "raw" the dynamics see where in
+    [0, t1] they are, and the horizon changes the model class;
   * head: GroupNorm ReLU, global average pool, linear;
   * GroupNorm in groups of 16 channels (32 groups at width 512); He (Kaiming normal, fan_out, ReLU) init for every conv.
 """
@@ -137,7 +141,7 @@ class ODEFunc(nn.Module):
     the backward cost with either plain backpropagation or the adjoint method.
     """
 
-    def __init__(self, width: int, layers: int = 4, time_input: str = "scaled", t1: float = 1.0):
+    def __init__(self, width: int, layers: int = 4, time_input: str = "raw", t1: float = 1.0):
         super().__init__()
         self.time_input, self.t1 = time_input, t1
         extra = 0 if time_input == "none" else 1
@@ -175,7 +179,7 @@ class NODEConfig:
     max_num_steps: int = 10_000   # accepted+rejected step limit per solve (adaptive solvers)
     step_size: float = 0.0        # fixed-step solvers only; 0 means t1 / 10
     adjoint: bool = False         # odeint_adjoint: O(1) memory in time, re-solves backwards
-    time_input: str = "scaled"    # "scaled" (t/t1 channel), "raw" (t channel) or "none"
+    time_input: str = "raw"       # "raw" (t channel, torchdiffeq's ODE-Net), "scaled" (t/t1) or "none"
 
     def validate(self) -> "NODEConfig":
         check_choice("solver", self.solver, SOLVERS)

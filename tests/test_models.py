@@ -102,3 +102,41 @@ def test_checkpoint_round_trip_and_wrong_architecture(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="cannot read"):
         load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def _pair(time_input, t1, solver, **kw):
+    """NODE(t1) and NODE(1) with the same weights, NODE(1)'s final GroupNorm affine times t1."""
+    torch.manual_seed(0)
+    cfg = dict(TINY_NODE, time_input=time_input, solver=solver, **kw)
+    long = build_model("node", node=dict(cfg, t1=t1, step_size=t1 / 8 if solver == "rk4" else 0.0)).double()
+    short = build_model("node", node=dict(cfg, t1=1.0, step_size=1 / 8 if solver == "rk4" else 0.0)).double()
+    state = {k: v.clone() for k, v in long.state_dict().items()}
+    state["func.norm_out.weight"] *= t1
+    state["func.norm_out.bias"] *= t1
+    short.load_state_dict(state)
+    with torch.no_grad():
+        for p in long.func.norm_out.parameters():   # a non-trivial affine, so the test can fail
+            p.add_(0.1 * torch.randn_like(p))
+        short.func.norm_out.weight.copy_(long.func.norm_out.weight * t1)
+        short.func.norm_out.bias.copy_(long.func.norm_out.bias * t1)
+    return long.eval(), short.eval()
+
+
+@pytest.mark.parametrize("solver,t1,tol", [("rk4", 100.0, 1e-9), ("dopri5", 3.0, 1e-4)])
+def test_scaled_time_makes_the_horizon_a_reparametrisation(solver, t1, tol):
+    """With a t/t1 time channel, NODE(t1) == NODE(1) with the final GroupNorm's affine times t1
+    (substitute s = t/t1: dh/ds = t1 f(s t1, h), and f ends in that GroupNorm). With raw t it is not."""
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kw = dict(rtol=1e-6, atol=1e-6) if solver == "dopri5" else {}
+    long, short = _pair("scaled", t1, solver, **kw)
+    with torch.no_grad():
+        a, b = long(x), short(x)
+    assert a.abs().max() > 0.1
+    assert torch.allclose(a, b, atol=tol, rtol=0), (a - b).abs().max()
+    long, short = _pair("raw", t1, solver, **kw)
+    with torch.no_grad():
+        assert (long(x) - short(x)).abs().max() > 100 * tol
+
+
+def test_default_time_input_is_raw_t():
+    assert NODEConfig().time_input == "raw"
