@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from .attacks import ATTACKS, attack_sweep
+from .attacks import ATTACKS, NODE_ONLY, TRANSFER, AuditConfig, attack_sweep
 from .data import DATASETS, ImageSet
 from .devices import describe_device, placement_device
 from .errors import ConfigError, check_choice, check_range
@@ -55,6 +55,8 @@ SMOKE = {
                 "width": 16, "stem_channels": 8},
     "attack_images": 64,
     "eps_255": (0, 4, 8, 12, 16, 20),
+    # audit attacks at plumbing strength
+    "audit": {"steps": 5, "long_steps": 10, "restarts": 2, "apgd_steps": 5, "square_queries": 20, "rk4_steps": 4},
 }
 
 
@@ -154,6 +156,7 @@ class AttackJob:
     dataset: str
     attack: str
     eps_255: tuple
+    source: str = ""          # transfer attacks: the key of the model the images are made on
 
     @property
     def key(self) -> str:
@@ -203,11 +206,34 @@ def plan(specs, *, eps_per_task: int = 4) -> Plan:
                             add(p.students, job)
                             models.append(job)
         eps = sorted(set(float(e) for e in spec.eps_255))
+        trained = {j.key for j in p.jobs()}
         for job in models:
             for attack in spec.attacks:
+                source = transfer_source(job, attack, spec)
+                if (attack in NODE_ONLY and isinstance(job, TeacherJob)) or (attack in TRANSFER and source not in trained):
+                    continue   # no solver to change, or no source model in this plan (see transfer_source)
                 for i in range(0, len(eps), eps_per_task):
-                    add(p.attacks, AttackJob(job.key, job.dataset, attack, tuple(eps[i:i + eps_per_task])))
+                    add(p.attacks, AttackJob(job.key, job.dataset, attack, tuple(eps[i:i + eps_per_task]),
+                                             source or ""))
     return p
+
+
+def transfer_source(job, attack: str, spec: SweepSpec) -> str | None:
+    """The model whose adversarial images a transfer attack evaluates on ``job``, or None.
+
+    transfer-teacher: a KD student's own teacher; a no-KD NODE gets the sweep's first teacher
+    (same data set and seed). transfer-node: a KD student gets the no-KD NODE of its horizon and
+    seed. A ResNet teacher, and a no-KD NODE under transfer-node, have no source (it would be
+    the model itself): those jobs are not planned.
+    """
+    if isinstance(job, TeacherJob) or attack not in TRANSFER:
+        return None
+    if attack == "transfer-teacher":
+        if job.kd:
+            return job.teacher_job.key
+        first = (tuple(spec.kd_teachers) + tuple(spec.teachers))[:1]
+        return TeacherJob(job.dataset, first[0], job.seed).key if first else None
+    return StudentJob(job.dataset, job.t1, job.seed).key if job.kd else None
 
 
 # ----------------------------------------------------------------------------- expected cost and order
@@ -294,6 +320,7 @@ class Settings:
     attack_images: int | None = 1000   # first N test images attacked (paper silent; None = all)
     attack_batch_size: int = 250       # fixed attack batches (dopri5's step is per batch)
     eps_per_task: int = 4              # eps values per attack task
+    audit: dict = field(default_factory=dict)   # attacks.AuditConfig overrides; empty: full strength
 
     def validate(self) -> "Settings":
         teacher_config(TeacherJob("digits", "resnet20"), self).validate()
@@ -302,10 +329,20 @@ class Settings:
             raise ConfigError("attack_images", f"must be >= 1, got {self.attack_images}")
         if self.attack_batch_size < 1:
             raise ConfigError("attack_batch_size", f"must be >= 1, got {self.attack_batch_size}")
+        self.audit_config()
         return self
 
+    def audit_config(self) -> AuditConfig:
+        try:
+            return AuditConfig(**self.audit).validate()
+        except TypeError as e:
+            raise ConfigError("audit", f"unknown setting: {e}") from None
+
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        d = json.loads(json.dumps(asdict(self)))
+        if not d["audit"]:      # folders made before the audit existed keep matching
+            del d["audit"]
+        return d
 
 
 def student_config(job: StudentJob, settings: Settings, **extra) -> StudentConfig:
@@ -617,7 +654,20 @@ _FILE_FIELDS = [
     pa.field("device", pa.string()),           # what the attack ran on: "cpu", "cuda NVIDIA A10G"
     pa.field("held_gpus", pa.string()),        # GPU ids the scheduler assigned to the task ("" for none)
     pa.field("model_sha256", pa.string()),     # the attacked model file (a retrained model makes these rows stale)
+    # from here on: added with the audit (files written before hold nulls)
+    pa.field("restarts", pa.int32()),          # random starts (an image is robust only if every start fails)
+    pa.field("alpha_255", pa.float64()),       # step size in 1/255 (0 where the attack sets its own: APGD, Square)
+    pa.field("solver", pa.string()),           # how the evaluated NODE was integrated ("" for ResNets)
+    pa.field("rtol", pa.float64()),
+    pa.field("atol", pa.float64()),
+    pa.field("time_input", pa.string()),
+    pa.field("source", pa.string()),           # transfer: the model the images were made on; pgd-rk4: "rk4 x N"
+    pa.field("top_class_fraction", pa.float64()),  # share of the most frequent clean prediction (degenerate models)
+    pa.field("num_classes", pa.int64()),
 ]
+# columns that files written by earlier versions lack (read back as nulls)
+_LATER_FIELDS = ("model_sha256", "restarts", "alpha_255", "solver", "rtol", "atol", "time_input", "source",
+                 "top_class_fraction", "num_classes")
 # What each Parquet file holds; dataset and attack are the hive partition folders.
 ATTACK_FILE_SCHEMA = pa.schema(_FILE_FIELDS)
 ATTACK_SCHEMA = pa.schema(_FILE_FIELDS + [pa.field("dataset", pa.string()), pa.field("attack", pa.string())])
@@ -639,25 +689,40 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     arch = rec.get("model") if rec.get("kind") == "teacher" else "node"   # a ResNet where a NODE belongs is refused
     model, _ = load_model(storage, job.model_key, expect_arch=arch, rec=rec)
+    source, source_name = None, ""
+    if job.source:
+        src = storage.read_record(job.source) or {}
+        source, _ = load_model(storage, job.source, expect_arch=src.get("model") if src.get("kind") == "teacher"
+                               else "node", rec=src)
+        source_name = job.source
+    audit = settings.audit_config()
+    if job.attack == "pgd-rk4":
+        source_name = f"rk4 x {audit.rk4_steps}"
     test = test.take(settings.attack_images)
     # PGD's random start is seeded by the chunk's first eps, so a rerun of a chunk repeats it exactly
     res = attack_sweep(model, test.images, test.labels, attack=job.attack, eps_list=[e / 255 for e in job.eps_255],
-                       batch_size=settings.attack_batch_size, seed=seed + int(job.eps_255[0] * 1000), device=dev)
+                       batch_size=settings.attack_batch_size, seed=seed + int(job.eps_255[0] * 1000), device=dev,
+                       audit=audit, source=source)
     task_seconds = time.perf_counter() - t0
     rows = []
     for e255 in job.eps_255:
         m = np.isclose(res.eps, e255 / 255)
         n = int(m.sum())
+        plan = res.plans[e255 / 255]
         rows.append({
             "model_key": job.model_key, "kind": rec.get("kind"), "model": rec.get("model"),
             "teacher": rec.get("teacher"), "T": rec.get("T"), "lam": rec.get("lam"), "t1": rec.get("t1"),
             "logits_mode": rec.get("logits_mode"), "seed": int(rec.get("seed", 0)),
-            "eps": e255 / 255, "eps_255": float(e255), "steps": int(res.steps[m][0]), "n_images": n,
+            "eps": e255 / 255, "eps_255": float(e255), "steps": int(plan["steps"]), "n_images": n,
             "n_clean_correct": int(res.clean_correct[m].sum()), "n_adv_correct": int(res.adv_correct[m].sum()),
             "clean_accuracy": float(res.clean_correct[m].mean()), "robust_accuracy": float(res.adv_correct[m].mean()),
             "nfe_per_image": float(res.nfe[m].mean()), "seconds": float(res.seconds[e255 / 255]),
             "task_seconds": task_seconds, "chunk": job.key, "device": describe_device(dev),
             "held_gpus": ",".join(str(g) for g in held or ()), "model_sha256": rec.get("model_sha256"),
+            "restarts": int(plan["restarts"]), "alpha_255": float(plan["alpha"] * 255),
+            "solver": res.solver.get("solver", ""), "rtol": res.solver.get("rtol"), "atol": res.solver.get("atol"),
+            "time_input": res.solver.get("time_input", ""), "source": source_name,
+            "top_class_fraction": res.top_class_fraction, "num_classes": int(test.num_classes),
         })
     table = pa.Table.from_pylist(rows, schema=ATTACK_FILE_SCHEMA)
     data = parquet_bytes(table)
@@ -706,8 +771,10 @@ def _attack_table_problem(where, data, model_key=None, eps_255=None, model_sha=N
         return None, str(Damaged("attack file", where, f"not readable Parquet ({len(data)} bytes): "
                                                        f"{type(e).__name__}"))
     names = [f.name for f in ATTACK_FILE_SCHEMA]
-    if table.schema.names == names[:-1]:     # written before model_sha256 existed
-        table = table.append_column("model_sha256", pa.nulls(len(table), pa.string()))
+    have = len(table.schema.names)
+    if have < len(names) and table.schema.names == names[:have] and len(names) - have <= len(_LATER_FIELDS):
+        for f in list(ATTACK_FILE_SCHEMA)[have:]:    # written before these columns existed
+            table = table.append_column(f, pa.nulls(len(table), f.type))
     if not table.schema.equals(ATTACK_FILE_SCHEMA):
         return None, str(Damaged("attack file", where, "its columns are not the attack schema's"))
     rows = table.to_pylist()

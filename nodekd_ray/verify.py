@@ -73,7 +73,7 @@ def verify(root: str) -> VerifyReport:
             plan = st.read_json(path) or {}
             planned_models |= set(plan.get("models", []))
             for d in plan.get("attacks", []):
-                job = AttackJob(d["model_key"], d["dataset"], d["attack"], tuple(d["eps_255"]))
+                job = AttackJob(d["model_key"], d["dataset"], d["attack"], tuple(d["eps_255"]), d.get("source", ""))
                 planned_attacks[job.key + "/" + job.attack] = job
         except (Damaged, KeyError, TypeError, AttributeError) as e:
             rep.damaged.append(str(e) if isinstance(e, Damaged) else f"damaged plan {st.url(path)}: {e}")
