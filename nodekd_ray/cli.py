@@ -238,8 +238,11 @@ def cmd_download(args) -> None:
 def cmd_report(args) -> None:
     from .report import write_report
 
-    for name, path in write_report(args.results_dir).items():
+    verdicts = []
+    for name, path in write_report(args.results_dir, verdicts=verdicts).items():
         print(f"{name}: {path}")
+    for line in verdicts:
+        print(f"  {line}")
 
 
 def cmd_verify(args) -> int:

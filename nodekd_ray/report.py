@@ -1,7 +1,7 @@
 """Tables 1-3 (Markdown, laid out as in the paper, the paper's numbers beside ours) and Figure 1
 (PNG) from a sweep's trial records and attack Parquet files alone.
 
-    nodekd report RESULTS_DIR        # writes RESULTS_DIR/report/{table1,table2,table3,attacks}.md, figure1.png
+    nodekd report RESULTS_DIR        # writes RESULTS_DIR/report/{table1,table2,table3,attacks,audit}.md, figure1.png
 
 Cells read "ours (paper)"; ours is the mean over seeds (± std with more than one seed) of the
 final test accuracy in percent. Robust accuracies come from the attacked subset of the test set
@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import statistics
 
+from .audit import audit_markdown, model_flags, verdict_lines
+from .audit import label as _label
 from .sweep import TEACHERS, Storage, read_attacks
 
 # The paper's numbers (accuracy, %): Table 1, Table 2 (NODE(1) students), Table 3.
@@ -114,7 +116,10 @@ def attacks_table(attacks) -> str:
     """Every attacked model: robust accuracy (%) per eps, mean over seeds."""
     if not attacks:
         return "No attack results in this folder.\n"
-    parts = ["Robust accuracy (%) of every attacked model, mean over seeds; NFE = ODE evaluations per image.\n"]
+    parts = ["Robust accuracy (%) of every attacked model, mean over seeds; NFE = ODE evaluations per image. "
+             "A model marked *degenerate* (near-chance clean accuracy, or one class for most images) has its "
+             "numbers in parentheses: they are not robustness.\n"]
+    flags = model_flags(attacks)
     for ds in sorted({a["dataset"] for a in attacks}):
         for attack in sorted({a["attack"] for a in attacks if a["dataset"] == ds}):
             rows_in = [a for a in attacks if a["dataset"] == ds and a["attack"] == attack]
@@ -123,20 +128,15 @@ def attacks_table(attacks) -> str:
             rows = []
             for m in models:
                 sel = [a for a in rows_in if _label(a) == m]
+                bad = sorted({flags[a["model_key"]] for a in sel if flags.get(a["model_key"])})
                 cells = [_cell([a["robust_accuracy"] for a in sel if a["eps_255"] == e]) for e in eps]
+                if bad:
+                    cells = [f"({c})" for c in cells]
                 nfe = statistics.mean(a["nfe_per_image"] for a in sel)
-                rows.append([m] + cells + [f"{nfe:.0f}"])
+                rows.append([m + (f" *degenerate: {'; '.join(bad)}*" if bad else "")] + cells + [f"{nfe:.0f}"])
             parts.append(f"\n{_DS.get(ds, ds)}, {attack.upper()}\n\n"
                          + _md(["model"] + [f"{e:g}" for e in eps] + ["NFE/img"], rows))
     return "".join(parts)
-
-
-def _label(a) -> str:
-    if a["kind"] == "teacher":
-        return _NAMES.get(a["model"], a["model"])
-    if a["kind"] == "node":
-        return f"NODE({a['t1']:g})"
-    return f"NODE({a['t1']:g})-KD {_NAMES.get(a['teacher'], a['teacher'])} T={a['T']:g}"
 
 
 def figure1(records, attacks) -> bytes | None:
@@ -150,8 +150,13 @@ def figure1(records, attacks) -> bytes | None:
 
     datasets = sorted({a["dataset"] for a in attacks})
     kinds = [k for k in ("pgd", "mifgsm") if any(a["attack"] == k for a in attacks)]
-    labels = sorted({_label(a) for a in attacks})
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}  # one colour per model, every panel
+    if not kinds:
+        return None
+    flags = model_flags(attacks)
+    labels = sorted({m for attack in kinds for ds in datasets
+                     for m in _figure_lines([a for a in attacks if a["dataset"] == ds and a["attack"] == attack])})
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colors = {m: cmap(i) for i, m in enumerate(labels)}  # one distinct colour per model, the same in every panel
     fig, axes = plt.subplots(len(kinds), len(datasets), figsize=(4.2 * len(datasets), 3.4 * len(kinds)),
                              squeeze=False)
     for i, attack in enumerate(kinds):
@@ -163,6 +168,10 @@ def figure1(records, attacks) -> bytes | None:
                 eps = sorted({a["eps_255"] for a in sel})
                 acc = [100 * statistics.mean(a["robust_accuracy"] for a in sel if a["eps_255"] == e) for e in eps]
                 style = "--" if label.startswith("ResNet") else ("-" if "KD" in label else ":")
+                if any(flags.get(a["model_key"]) for a in sel):   # its flat line is not robustness
+                    ax.plot(eps, acc, ":", marker="x", markersize=3, alpha=0.5, color=colors[label],
+                            label=f"{label} (degenerate)")
+                    continue
                 ax.plot(eps, acc, style, marker="o", markersize=3, label=label, color=colors[label])
             ax.set_title(f"{_DS.get(ds, ds)} under {'PGD' if attack == 'pgd' else 'MI-FGSM'}")
             ax.set_xlabel("ε (/255)")
@@ -188,8 +197,9 @@ def _figure_lines(rows) -> list[str]:
     return labels
 
 
-def write_report(results_dir: str) -> dict:
-    """Writes the tables and the figure into RESULTS_DIR/report (a path or a URI); returns {name: path}."""
+def write_report(results_dir: str, verdicts: list | None = None) -> dict:
+    """Writes the tables, the audit and the figure into RESULTS_DIR/report (a path or a URI);
+    returns {name: path}. ``verdicts``, when given, receives the audit's verdict lines."""
     storage = Storage(results_dir)
     storage.check_reachable()
     if not storage.isdir(storage.base):
@@ -199,8 +209,14 @@ def write_report(results_dir: str) -> dict:
     records = storage.records()
     attacks = read_attacks(storage).to_pylist()
     paths = {}
-    for name, text in (("Table 1", table1(records)), ("Table 2", table2(records)),
-                       ("Table 3", table3(records, attacks)), ("Attacks", attacks_table(attacks))):
+    texts = [("Table 1", table1(records)), ("Table 2", table2(records)), ("Table 3", table3(records, attacks)),
+             ("Attacks", attacks_table(attacks))]
+    if attacks:
+        text, v = audit_markdown(attacks)
+        texts.append(("Audit", text))
+        if verdicts is not None:
+            verdicts.extend(verdict_lines(v))
+    for name, text in texts:
         p = storage.path("report", name.lower().replace(" ", "") + ".md")
         storage.write_text(text, p)
         paths[name] = storage.url(p)

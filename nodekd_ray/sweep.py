@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from .attacks import ATTACKS, NODE_ONLY, TRANSFER, AuditConfig, attack_sweep
+from .attacks import ATTACKS, AUDIT_ATTACKS, NODE_ONLY, TRANSFER, AuditConfig, attack_sweep
 from .data import DATASETS, ImageSet
 from .devices import describe_device, placement_device
 from .errors import ConfigError, check_choice, check_range
@@ -58,6 +58,28 @@ SMOKE = {
     # audit attacks at plumbing strength
     "audit": {"steps": 5, "long_steps": 10, "restarts": 2, "apgd_steps": 5, "square_queries": 20, "rk4_steps": 4},
 }
+
+# --scale digits (the audit's default): students that learn on digits on a 2-core CPU. Not the
+# paper's scale: width 32 (stem 16) instead of 512, 10 student epochs, batch 32 (digits has 1437
+# training images), and Adam for every student: under the paper's rule (SGD at lr 0.001 for a KD
+# student at t1 = 1) a digits student barely leaves chance in 10 epochs (README, "Digits study").
+# The audit attacks run at reduced strength to fit the CPU (AuditConfig's defaults are the full ones).
+DIGITS = {
+    "teacher": {"epochs": 15, "batch_size": 32},
+    "student": {"epochs": 10, "batch_size": 32, "width": 32, "stem_channels": 16, "optimizer": "adam"},
+    "attack_images": 200,
+    "eps_255": (0, 2, 4, 8, 16),
+    "audit": {"steps": 20, "long_steps": 100, "restarts": 3, "apgd_steps": 50, "square_queries": 300, "rk4_steps": 8},
+}
+# --scale demo (make demo): the digits recipe cut to fit 10 minutes on 2 CPU cores, one seed.
+DEMO = {
+    "teacher": {"epochs": 10, "batch_size": 32},
+    "student": {"epochs": 8, "batch_size": 32, "width": 32, "stem_channels": 16, "optimizer": "adam"},
+    "attack_images": 100,
+    "eps_255": (0, 4, 8, 16),
+    "audit": {"steps": 10, "long_steps": 40, "restarts": 2, "apgd_steps": 20, "square_queries": 100, "rk4_steps": 6},
+}
+SCALES = {"paper": {}, "digits": DIGITS, "demo": DEMO, "smoke": SMOKE}
 
 
 @dataclass
@@ -840,4 +862,9 @@ PRESETS = {
                         eps_255=(0, 8, 12, 16, 20)),
     "figure1": SweepSpec("figure1", kd_teachers=("resnet44",), temperatures=(10.0,), kd_horizons=(1.0, 100.0),
                          baseline_horizons=(1.0, 100.0), attacks=SWEEP_ATTACKS),
+    # The attack audit (sweeps/audit.py): Figure 1's four NODEs and their teacher, three seeds, under
+    # the paper's attacks and every audit attack. Digits by default (--scale digits).
+    "audit": SweepSpec("audit", datasets=("digits",), kd_teachers=("resnet20",), temperatures=(10.0,),
+                       kd_horizons=(1.0, 100.0), baseline_horizons=(1.0, 100.0), seeds=(0, 1, 2),
+                       attacks=SWEEP_ATTACKS + AUDIT_ATTACKS),
 }

@@ -376,7 +376,8 @@ def _run_sweep(p, staged, specs, settings, storage, sweep_name, resources, resum
     # 6. report
     from ..report import write_report
 
-    summary["report"] = write_report(storage.root)
+    summary["verdicts"] = []
+    summary["report"] = write_report(storage.root, verdicts=summary["verdicts"])
     summary["seconds"]["total"] = time.perf_counter() - t_start
     return summary
 

@@ -8,24 +8,28 @@ import sys
 
 from ..data import DATASETS
 from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
-from ..sweep import SMOKE, Settings, SweepSpec, expected_cost, job_config, list_schedule, plan
+from ..sweep import SCALES, Settings, SweepSpec, expected_cost, job_config, list_schedule, plan
 from .driver import Resources, exit_now, run_sweep, stages
 
 
-def sweep_parser(description: str, default_datasets=("cifar10", "svhn")) -> argparse.ArgumentParser:
+def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default_scale="paper") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--dataset", nargs="+", default=None, metavar="NAME",
                     help=f"data sets, from {', '.join(DATASETS)} (default: the sweep's own, "
                          f"{' '.join(default_datasets)}; Table 3 is CIFAR10 only)")
     ap.add_argument("--smoke-test", action="store_true",
                     help="tiny models (NODE width 16), 5 teacher / 3 student epochs, 1024 training and 64 "
-                         "attacked images, eps 0,4,..,20/255")
+                         "attacked images, eps 0,4,..,20/255 (the same as --scale smoke)")
+    ap.add_argument("--scale", default=default_scale, choices=tuple(SCALES),
+                    help="settings preset: paper (the paper's recipe), digits (students that learn on digits on a "
+                         "CPU: width 32, Adam, reduced-strength audit attacks), demo (digits cut to ~10 minutes), "
+                         "smoke (plumbing only); see nodekd_ray/sweep.py")
     ap.add_argument("--storage", default=os.environ.get("NODEKD_STORAGE"),
                     help="experiment folder: a local path, a shared mount, or a URI (s3://bucket/prefix, "
                          "gs://..., file://...); default $NODEKD_STORAGE, else runs/nodekd, or runs/nodekd-smoke "
                          "with --smoke-test")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --storage")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds per trial")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per trial (default: the sweep's own, 1; the audit 3)")
     ap.add_argument("--teachers", nargs="+", default=None, metavar="ARCH", help="override the sweep's teachers")
     ap.add_argument("--temperatures", nargs="+", type=float, default=None, metavar="T", help="override T")
     ap.add_argument("--horizons", nargs="+", type=float, default=None, metavar="T1", help="override the KD horizons")
@@ -57,11 +61,9 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn")) -> argp
 
 
 def settings_from_args(args) -> Settings:
-    teacher, student = {}, {}
-    attack_images = 1000
-    if args.smoke_test:
-        teacher, student = dict(SMOKE["teacher"]), dict(SMOKE["student"])
-        attack_images = SMOKE["attack_images"]
+    scale = SCALES[scale_of(args)]
+    teacher, student = dict(scale.get("teacher", {})), dict(scale.get("student", {}))
+    attack_images = scale.get("attack_images", 1000)
     for d in (teacher, student):
         d["data_root"], d["download"] = args.data_root, args.download
         if args.epochs is not None:
@@ -70,11 +72,23 @@ def settings_from_args(args) -> Settings:
         student["width"] = args.width
     if args.attack_images is not None:
         attack_images = args.attack_images
-    return Settings(teacher=teacher, student=student, attack_images=attack_images)
+    return Settings(teacher=teacher, student=student, attack_images=attack_images, audit=dict(scale.get("audit", {})))
+
+
+def scale_of(args) -> str:
+    """--smoke-test, else --scale (each sweep script has its own default: paper, or digits for the audit)."""
+    if args.smoke_test:
+        return "smoke"
+    name = getattr(args, "scale", None) or "paper"
+    if name not in SCALES:
+        raise ConfigError("scale", f"must be one of {', '.join(SCALES)}, got {name!r}")
+    return name
 
 
 def apply_args(spec: SweepSpec, args) -> SweepSpec:
-    kw = dict(datasets=tuple(args.dataset) if args.dataset else spec.datasets, seeds=tuple(range(args.seeds)), lam=args.lam, logits_mode=args.logits_mode)
+    kw = dict(datasets=tuple(args.dataset) if args.dataset else spec.datasets,
+              seeds=tuple(range(args.seeds)) if args.seeds is not None else spec.seeds,
+              lam=args.lam, logits_mode=args.logits_mode)
     if args.teachers is not None:
         if spec.teachers:
             kw["teachers"] = tuple(args.teachers)
@@ -86,24 +100,26 @@ def apply_args(spec: SweepSpec, args) -> SweepSpec:
         kw["kd_horizons"] = tuple(args.horizons)
     if args.baseline_horizons is not None and spec.baseline_horizons:
         kw["baseline_horizons"] = tuple(args.baseline_horizons)
-    if args.smoke_test:
-        kw["eps_255"] = tuple(e for e in SMOKE["eps_255"])
+    scale = SCALES[scale_of(args)]
+    if "eps_255" in scale:
+        kw["eps_255"] = tuple(scale["eps_255"])
     return dataclasses.replace(spec, **kw)
 
 
-def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "svhn")) -> int:
+def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "svhn"), default_scale="paper") -> int:
     """Entry point of every sweep script: parse, validate, run, print where the results are."""
-    ap = sweep_parser(description, default_datasets)
+    ap = sweep_parser(description, default_datasets, default_scale)
     args = ap.parse_args(argv)
     prog = os.path.basename(sys.argv[0]) if argv is None else "sweep"
     try:
-        if args.seeds < 1:
+        if args.seeds is not None and args.seeds < 1:
             raise ConfigError("seeds", f"must be >= 1, got {args.seeds}")
         specs = [apply_args(s, args).validate() for s in specs]
         settings = settings_from_args(args).validate()
         resources = Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_failures,
                               attack_retries=args.attack_retries, max_concurrent=args.max_concurrent).validate()
-        storage = args.storage or ("runs/nodekd-smoke" if args.smoke_test else "runs/nodekd")
+        storage = args.storage or {"smoke": "runs/nodekd-smoke", "paper": "runs/nodekd"}.get(
+            scale_of(args), f"runs/nodekd-{scale_of(args)}")
         if args.dry_run:
             return print_plan(specs, settings, resources, storage, address=args.address, workers=args.plan_gpus)
         summary = run_sweep(specs, settings, storage, resources=resources, resume=args.resume,
@@ -141,6 +157,10 @@ def print_summary(summary: dict) -> int:
     print(f"results: {summary['storage']}")
     for what, path in summary["report"].items():
         print(f"{what}: {path}")
+    if summary.get("verdicts"):
+        print("audit verdicts (details in audit.md):")
+        for line in summary["verdicts"]:
+            print(f"  {line}")
     print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")
     return 1 if summary["failed"] or att["failed"] else 0
 

@@ -1,0 +1,225 @@
+"""The attack audit's report: is the students' robustness real? (``nodekd report`` writes audit.md.)
+
+Input: the attack rows of a sweep (sweep.read_attacks), one per model x attack x eps. Per model
+(one seed each), at each eps:
+  * paper     = the lower robust accuracy of the paper's attacks (PGD, MI-FGSM at 1/255 steps);
+  * strongest = the lowest robust accuracy of any attack run on it (which one is named);
+  * gap       = paper - strongest: how much the paper's attacks overstate robustness.
+A model's robustness score is the mean over eps > 0 of its strongest-attack accuracy: the
+strongest attack is taken per eps, not per image (per-image worst case over attacks would be
+lower still; the rows are aggregates).
+
+Degenerate models (degenerate()) are flagged and left out of every verdict: a model that predicts
+one class for everything "keeps" its clean accuracy at every eps.
+
+Verdicts (supported / refuted / inconclusive), each from seed-paired differences of scores,
+mean +- 2 standard errors (n pairs):
+  * "KD improves robustness": KD student minus the no-KD NODE of the same data set, horizon and
+    seed. Supported when mean - 2 SE > 0, refuted when mean + 2 SE < 0, else inconclusive.
+  * "a longer horizon improves robustness": the same model (kind, teacher, T, seed) at the longer
+    horizon minus at the shortest; same rule.
+  * "the robustness is not gradient masking": for each non-degenerate NODE, the best attack that
+    does not use the model's own gradient (Square, transfer, gradients through rk4) against the
+    best white-box gradient attack through the dopri5 model itself. Refuted when an indirect attack
+    beats every white-box one by more than MASKING_MARGIN points at some eps in any model
+    (Athalye et al.'s sign of obfuscated gradients), or when test-time tolerance moves robust
+    accuracy by more than TOLERANCE_MARGIN points; supported when neither happens and the audit
+    had indirect attacks to compare; inconclusive otherwise.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+PAPER = ("pgd", "mifgsm")
+WHITE_BOX = ("pgd", "mifgsm", "fgsm", "pgd-conv", "pgd-long", "pgd-restarts", "apgd-ce", "apgd-dlr")
+INDIRECT = ("square", "transfer-teacher", "transfer-node", "pgd-rk4")
+TOLERANCE_ATTACKS = ("tol-1e-1", "tol-1e-3", "tol-1e-5")
+MASKING_MARGIN = 3.0     # accuracy points
+TOLERANCE_MARGIN = 10.0  # accuracy points
+NAMES = {"resnet20": "ResNet20", "resnet32": "ResNet32", "resnet44": "ResNet44", "resnet56": "ResNet56",
+         "resnet110": "ResNet110"}
+
+
+def degenerate(clean_accuracy: float, top_class_fraction: float | None, num_classes: int | None) -> str | None:
+    """Why a model's robust accuracy says nothing, or None: clean accuracy below twice chance
+    (2/K), or half or more of its clean predictions one class (a class is 1/K of the data)."""
+    k = int(num_classes or 10)
+    if clean_accuracy < 2.0 / k:
+        return f"clean accuracy {100 * clean_accuracy:.1f}% is near chance ({100 / k:.0f}%)"
+    if top_class_fraction is not None and k >= 4 and top_class_fraction >= 0.5:
+        return f"{100 * top_class_fraction:.0f}% of its predictions are one class"
+    return None
+
+
+def label(a: dict, seed: bool = False) -> str:
+    if a["kind"] == "teacher":
+        s = NAMES.get(a["model"], a["model"])
+    elif a["kind"] == "node":
+        s = f"NODE({a['t1']:g})"
+    else:
+        s = f"NODE({a['t1']:g})-KD {NAMES.get(a['teacher'], a['teacher'])} T={a['T']:g}"
+    return f"{s} s{a['seed']}" if seed else s
+
+
+def _clean_rows(rows):
+    """The clean measurement of a model: its eps = 0 rows at the model's own tolerance."""
+    return [a for a in rows if a["attack"] not in TOLERANCE_ATTACKS]
+
+
+def model_flags(attacks) -> dict:
+    """model_key -> degenerate reason (None when the model is fine)."""
+    out = {}
+    for key in sorted({a["model_key"] for a in attacks}):
+        rows = _clean_rows([a for a in attacks if a["model_key"] == key]) or [a for a in attacks if a["model_key"] == key]
+        clean = statistics.mean(a["clean_accuracy"] for a in rows)
+        tops = [a["top_class_fraction"] for a in rows if a.get("top_class_fraction") is not None]
+        out[key] = degenerate(clean, max(tops) if tops else None, rows[0].get("num_classes"))
+    return out
+
+
+class ModelAudit:
+    """One model's accuracies (%) per attack and eps."""
+
+    def __init__(self, key, rows):
+        self.key = key
+        self.rows = rows
+        self.info = rows[0]
+        self.acc = {}   # (attack, eps) -> %
+        for a in rows:
+            self.acc.setdefault((a["attack"], a["eps_255"]), []).append(100 * a["robust_accuracy"])
+        self.acc = {k: statistics.mean(v) for k, v in self.acc.items()}
+        main = _clean_rows(rows) or rows
+        self.clean = 100 * statistics.mean(a["clean_accuracy"] for a in main)
+        self.eps = sorted({e for (att, e) in self.acc if att not in TOLERANCE_ATTACKS and e > 0})
+
+    def best(self, eps, attacks) -> tuple[float, str] | None:
+        got = [(v, att) for (att, e), v in self.acc.items() if e == eps and att in attacks]
+        return min(got) if got else None
+
+    def paper(self, eps):
+        return self.best(eps, PAPER)
+
+    def strongest(self, eps):
+        return self.best(eps, tuple(a for a in {att for att, _ in self.acc} if a not in TOLERANCE_ATTACKS))
+
+    def score(self) -> float | None:
+        vals = [self.strongest(e)[0] for e in self.eps if self.strongest(e)]
+        return statistics.mean(vals) if vals else None
+
+
+def _fmt(x, nd=1):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def _paired_verdict(claim, pairs, what) -> dict:
+    """pairs: [(seed, difference)]."""
+    diffs = [d for _, d in pairs]
+    if len({s for s, _ in pairs}) < 2:
+        return {"claim": claim, "verdict": "inconclusive",
+                "why": f"{len(diffs)} usable pair(s) ({what}) from {len({s for s, _ in pairs})} seed(s); at least 2 "
+                       "seeds of non-degenerate models are needed"}
+    m = statistics.mean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    verdict = "supported" if m - 2 * se > 0 else ("refuted" if m + 2 * se < 0 else "inconclusive")
+    return {"claim": claim, "verdict": verdict, "mean": m, "se": se, "n": len(diffs),
+            "why": f"{what}: {m:+.1f} ± {2 * se:.1f} points (mean ± 2 SE of the robustness score, {len(diffs)} "
+                   f"seed-paired differences)"}
+
+
+def verdicts(models: dict, flags: dict) -> list[dict]:
+    ok = {k: m for k, m in models.items() if not flags.get(k) and m.score() is not None}
+    nodes = [m for m in ok.values() if m.info["kind"] in ("node", "node_kd")]
+    out = []
+    # KD
+    base = {(m.info["dataset"], m.info["t1"], m.info["seed"]): m for m in nodes if m.info["kind"] == "node"}
+    diffs = [(m.info["seed"], m.score() - base[(m.info["dataset"], m.info["t1"], m.info["seed"])].score())
+             for m in nodes if m.info["kind"] == "node_kd" and (m.info["dataset"], m.info["t1"], m.info["seed"]) in base]
+    out.append(_paired_verdict("KD improves robustness", diffs, "KD student minus no-KD NODE"))
+    # horizon
+    groups = {}
+    for m in nodes:
+        i = m.info
+        groups.setdefault((i["dataset"], i["kind"], i.get("teacher"), i.get("T"), i["seed"]), {})[i["t1"]] = m
+    diffs = []
+    for g in groups.values():
+        if len(g) > 1:
+            short = g[min(g)]
+            diffs += [(short.info["seed"], g[t].score() - short.score()) for t in g if t != min(g)]
+    out.append(_paired_verdict("a longer horizon improves robustness", diffs, "longer minus shortest horizon"))
+    # gradient masking
+    masked, compared, tol_moves = [], 0, []
+    for m in nodes:
+        for e in m.eps:
+            wb, ind = m.best(e, WHITE_BOX), m.best(e, INDIRECT)
+            if wb and ind:
+                compared += 1
+                if ind[0] < wb[0] - MASKING_MARGIN:
+                    masked.append(f"{label(m.info, True)} at ε={e:g}: {ind[1]} {ind[0]:.1f}% < white-box {wb[1]} "
+                                  f"{wb[0]:.1f}%")
+        tol = {att: v for (att, e), v in m.acc.items() if att in TOLERANCE_ATTACKS and e == max(m.eps or [0])}
+        if len(tol) > 1 and max(tol.values()) - min(tol.values()) > TOLERANCE_MARGIN:
+            tol_moves.append(f"{label(m.info, True)}: robust accuracy {min(tol.values()):.1f}–{max(tol.values()):.1f}% "
+                             f"across test-time tolerances")
+    gaps = [m.paper(e)[0] - m.strongest(e)[0] for m in nodes for e in m.eps if m.paper(e) and m.strongest(e)]
+    gap = (f"; the paper's attacks overstate NODE robustness by {statistics.mean(gaps):.1f} points on average "
+           f"(at most {max(gaps):.1f})" if gaps else "")
+    if masked or tol_moves:
+        ex = (masked + tol_moves)
+        out.append({"claim": "the robustness is not gradient masking", "verdict": "refuted",
+                    "why": f"{len(masked)} of {compared} (model, ε) cases where an attack without the model's own "
+                           f"gradient beats every white-box one by > {MASKING_MARGIN:g} points, "
+                           f"{len(tol_moves)} model(s) whose robustness moves > {TOLERANCE_MARGIN:g} points with the "
+                           f"solver tolerance; e.g. {ex[0]}{gap}"})
+    elif compared:
+        out.append({"claim": "the robustness is not gradient masking", "verdict": "supported",
+                    "why": f"in all {compared} (model, ε) cases the best white-box gradient attack is within "
+                           f"{MASKING_MARGIN:g} points of, or stronger than, Square/transfer/rk4-gradient attacks, "
+                           f"and tolerance moves robust accuracy by ≤ {TOLERANCE_MARGIN:g} points{gap}"})
+    else:
+        out.append({"claim": "the robustness is not gradient masking", "verdict": "inconclusive",
+                    "why": "no non-degenerate NODE was attacked both white-box and without its own gradient"})
+    return out
+
+
+def audit_markdown(attacks) -> tuple[str, list[dict]]:
+    """(audit.md text, verdicts) from attack rows (dicts with ATTACK_SCHEMA's columns)."""
+    flags = model_flags(attacks)
+    models = {k: ModelAudit(k, [a for a in attacks if a["model_key"] == k]) for k in flags}
+    v = verdicts(models, flags)
+    out = ["# Attack audit", "",
+           "Robust accuracy (%) per model (one seed each) under the paper's attacks (the lower of PGD and "
+           "MI-FGSM at 1/255 steps) and under the strongest attack run on it; gap = paper − strongest. "
+           "Images a model misclassifies count as not robust.", "", "## Verdicts", ""]
+    for x in v:
+        out.append(f"- **{x['claim']}: {x['verdict']}.** {x['why']}.")
+    bad = {k: why for k, why in flags.items() if why}
+    if bad:
+        out += ["", "Degenerate models (left out of every verdict; their robust accuracy is not robustness):", ""]
+        out += [f"- {label(models[k].info, True)} ({k}): {why}" for k, why in sorted(bad.items())]
+    for ds in sorted({m.info["dataset"] for m in models.values()}):
+        out += ["", f"## {ds}", "", "| model | clean | ε (/255) | paper | strongest | attack | gap |",
+                "|---|---|---|---|---|---|---|"]
+        for k in sorted((k for k, m in models.items() if m.info["dataset"] == ds), key=lambda k: label(models[k].info, True)):
+            m = models[k]
+            name = label(m.info, True) + (" (degenerate)" if flags[k] else "")
+            for e in m.eps:
+                p, s = m.paper(e), m.strongest(e)
+                cell = (lambda x: f"({x:.1f})" if flags[k] else f"{x:.1f}")
+                out.append(f"| {name} | {m.clean:.1f} | {e:g} | {cell(p[0]) if p else '—'} | "
+                           f"{cell(s[0]) if s else '—'} | {s[1] if s else '—'} | "
+                           f"{_fmt(p[0] - s[0]) if p and s else '—'} |")
+        tol = [a for a in attacks if a["dataset"] == ds and a["attack"] in TOLERANCE_ATTACKS]
+        if tol:
+            out += ["", "Test-time tolerance (rtol = atol): clean and pgd-conv accuracy (%), NFE per image", "",
+                    "| model | rtol | ε (/255) | clean | robust | NFE/img |", "|---|---|---|---|---|---|"]
+            for a in sorted(tol, key=lambda a: (label(a, True), -a["rtol"], a["eps_255"])):
+                out.append(f"| {label(a, True)} | {a['rtol']:g} | {a['eps_255']:g} | {100 * a['clean_accuracy']:.1f} | "
+                           f"{100 * a['robust_accuracy']:.1f} | {a['nfe_per_image']:.0f} |")
+    out += ["", "Rules: nodekd_ray/audit.py (score = mean over ε > 0 of the strongest attack's accuracy; "
+                f"masking margin {MASKING_MARGIN:g} points, tolerance margin {TOLERANCE_MARGIN:g} points)."]
+    return "\n".join(out) + "\n", v
+
+
+def verdict_lines(v: list[dict]) -> list[str]:
+    return [f"{x['claim']}: {x['verdict'].upper()} ({x['why']})" for x in v]

@@ -1,0 +1,236 @@
+"""The attack audit: each audit attack on tiny models, APGD against an independent implementation
+(the Adversarial Robustness Toolbox), the degenerate-model flag, and the verdict rules."""
+import numpy as np
+import pytest
+import torch
+
+from nodekd_ray import audit as A
+from nodekd_ray.attacks import AUDIT_ATTACKS, AuditConfig, _adversarial, attack_plan, attack_sweep, with_solver
+from nodekd_ray.errors import ConfigError
+from nodekd_ray.models import build_model
+from nodekd_ray.train import TeacherConfig, train_teacher
+
+from conftest import TINY_NODE
+
+SMALL = AuditConfig(steps=4, long_steps=8, restarts=3, apgd_steps=4, square_queries=10, rk4_steps=3)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A ResNet20 trained for 3 epochs on 600 digits (about 90% test accuracy) and the test images."""
+    from nodekd_ray.data import load_dataset
+
+    data = load_dataset("digits")
+    model, _, ck = train_teacher(TeacherConfig(dataset="digits", epochs=3, batch_size=32, seed=0, limit_train=600,
+                                               lr_milestones=(0.99, 0.995)), data=data)
+    assert ck["meta"]["test_accuracy"] > 0.7
+    return model.eval(), data[1]
+
+
+@pytest.fixture(scope="module")
+def node():
+    torch.manual_seed(0)
+    return build_model("node", node=TINY_NODE).eval()
+
+
+@pytest.mark.parametrize("attack", AUDIT_ATTACKS)
+def test_every_audit_attack_stays_in_the_ball(node, synthetic, attack):
+    x = synthetic[1].images[:8].float() / 255
+    with torch.no_grad():
+        y = node(x).argmax(1)     # every image "correct": APGD and Square attack only those
+    eps = 8 / 255
+    grad_model = with_solver(node, solver="rk4", step_size=0.25) if attack == "pgd-rk4" else node
+    plan = attack_plan(attack, eps, SMALL)
+    f0 = grad_model.nfe_forward
+    adv = _adversarial(attack, grad_model, x, y, eps, plan, torch.Generator().manual_seed(0), 0)
+    assert adv.shape == x.shape
+    assert (adv - x).abs().max().item() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    if attack == "square":   # torchattacks' Square returns an image unchanged unless it fooled the model
+        assert grad_model.nfe_forward > f0 + 10
+    else:
+        assert not torch.equal(adv, x)
+
+
+def test_attack_plans_follow_the_audit_config():
+    e = 8 / 255
+    assert attack_plan("pgd-conv", e, SMALL) == {"steps": 4, "alpha": pytest.approx(2.5 * e / 4), "restarts": 1}
+    assert attack_plan("pgd-long", e, SMALL)["steps"] == 8
+    assert attack_plan("pgd-restarts", e, SMALL)["restarts"] == 3
+    assert attack_plan("square", e, SMALL)["steps"] == 10
+    assert attack_plan("pgd", e, SMALL) == {"steps": 10, "alpha": 1 / 255, "restarts": 1}   # the paper's rule
+    assert attack_plan("fgsm", e, SMALL, steps=7)["steps"] == 1      # FGSM is one step whatever steps says
+    assert attack_plan("pgd-conv", 0.0, SMALL)["steps"] == 0
+    with pytest.raises(ConfigError, match="audit.restarts"):
+        AuditConfig(restarts=0).validate()
+
+
+def test_fgsm_rows_record_one_step(node, synthetic):
+    t = synthetic[1].take(16)
+    res = attack_sweep(node, t.images, t.labels, attack="fgsm", eps_list=[0, 8 / 255], steps=7, batch_size=16)
+    assert set(res.steps[res.eps > 0]) == {1} and set(res.steps[res.eps == 0]) == {0}
+
+
+def test_restarts_only_remove_robust_images(trained):
+    """An image survives pgd-restarts only if it survives every start, the first of which is pgd-conv's."""
+    model, test = trained
+    t = test.take(64)
+    kw = dict(eps_list=[4 / 255, 8 / 255], batch_size=64, seed=3, audit=SMALL)
+    one = attack_sweep(model, t.images, t.labels, attack="pgd-conv", **kw)
+    many = attack_sweep(model, t.images, t.labels, attack="pgd-restarts", **kw)
+    assert not (many.adv_correct & ~one.adv_correct).any()
+    assert (many.clean_correct == one.clean_correct).all()
+
+
+def test_pgd_convergence_is_stronger_than_the_papers_steps(trained):
+    model, test = trained
+    t = test.take(64)
+    paper = attack_sweep(model, t.images, t.labels, attack="pgd", eps_list=[4 / 255], batch_size=64)
+    long = attack_sweep(model, t.images, t.labels, attack="pgd-long", eps_list=[4 / 255], batch_size=64,
+                        audit=AuditConfig(long_steps=30))
+    assert long.adv_correct.mean() <= paper.adv_correct.mean()
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_agrees_with_the_adversarial_robustness_toolbox(trained, loss):
+    """torchattacks' APGD port against ART's AutoProjectedGradientDescent on the same ResNet."""
+    art = pytest.importorskip("art")
+    from art.attacks.evasion import AutoProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    model, test = trained
+    x, y = test.images[:64].float() / 255, test.labels[:64]
+    clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, 32, 32), nb_classes=10,
+                            clip_values=(0.0, 1.0), device_type="cpu")
+    checked = []
+    for eps in (2 / 255, 4 / 255):
+        plan = attack_plan(f"apgd-{loss}", eps, AuditConfig(apgd_steps=15))
+        ours = _adversarial(f"apgd-{loss}", model, x, y, eps, plan, None, 0)
+        ref = AutoProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=15, targeted=False,
+                                           nb_random_init=1, batch_size=64, verbose=False,
+                                           loss_type="cross_entropy" if loss == "ce" else "difference_logits_ratio")
+        theirs = torch.from_numpy(ref.generate(x.numpy(), y=y.numpy())).float()
+        with torch.no_grad():
+            a = (model(ours).argmax(1) == y).float().mean().item()
+            b = (model(theirs).argmax(1) == y).float().mean().item()
+            clean = (model(x).argmax(1) == y).float().mean().item()
+        assert abs(a - b) <= 0.08, (eps, a, b)
+        checked.append((clean, a, b))
+    # the comparison means something: some eps leaves part of the images robust and breaks others
+    assert any(0.05 < a < clean - 0.05 for clean, a, _ in checked), checked
+
+
+def test_square_never_takes_a_gradient_and_transfer_never_takes_the_targets(node, synthetic):
+    t = synthetic[1].take(16)
+    b0 = node.nfe_backward
+    attack_sweep(node, t.images, t.labels, attack="square", eps_list=[8 / 255], batch_size=16, audit=SMALL,
+                 attack_misclassified=True)
+    assert node.nfe_backward == b0
+    torch.manual_seed(1)
+    source = build_model("node", node=TINY_NODE).eval()
+    res = attack_sweep(node, t.images, t.labels, attack="transfer-node", eps_list=[8 / 255], batch_size=16,
+                       audit=SMALL, source=source, attack_misclassified=True)
+    assert node.nfe_backward == b0 and source.nfe_backward > 0
+    assert res.nfe.max() > 0
+    with pytest.raises(ConfigError, match="source"):
+        attack_sweep(node, t.images, t.labels, attack="transfer-teacher", eps_list=[8 / 255])
+
+
+def test_transfer_from_the_model_itself_is_white_box_pgd(node, synthetic):
+    t = synthetic[1].take(16)
+    kw = dict(eps_list=[8 / 255], batch_size=16, audit=SMALL, seed=5, attack_misclassified=True)
+    a = attack_sweep(node, t.images, t.labels, attack="pgd-conv", **kw)
+    b = attack_sweep(node, t.images, t.labels, attack="transfer-node", source=node, **kw)
+    assert (a.adv_correct == b.adv_correct).all()
+
+
+def test_rk4_gradients_and_tolerances_change_only_what_they_say(node, synthetic):
+    t = synthetic[1].take(16)
+    b0 = node.nfe_backward
+    res = attack_sweep(node, t.images, t.labels, attack="pgd-rk4", eps_list=[8 / 255], batch_size=16, audit=SMALL,
+                       attack_misclassified=True)
+    assert node.nfe_backward == b0            # gradients went through the rk4 copy only
+    assert res.solver["solver"] == "dopri5"   # and the dopri5 model was evaluated
+    loose = attack_sweep(node, t.images, t.labels, attack="tol-1e-1", eps_list=[0.0], batch_size=16)
+    tight = attack_sweep(node, t.images, t.labels, attack="tol-1e-5", eps_list=[0.0], batch_size=16)
+    assert loose.solver["rtol"] == 1e-1 and tight.solver["atol"] == 1e-5
+    assert loose.nfe.mean() < tight.nfe.mean()                  # the clean pass ran at each tolerance
+    assert node.cfg.rtol == 1e-3                                # the model itself is unchanged
+    with pytest.raises(ConfigError, match="Neural ODE"):
+        attack_sweep(build_model("resnet20"), t.images, t.labels, attack="pgd-rk4", eps_list=[0.0])
+
+
+class Constant(torch.nn.Module):
+    def forward(self, x):
+        out = torch.zeros(len(x), 10)
+        out[:, 3] = 1.0
+        return out + 0 * x.mean()
+
+
+def test_a_constant_predictor_is_flagged_degenerate(synthetic):
+    t = synthetic[1].take(64)
+    res = attack_sweep(Constant(), t.images, t.labels, attack="pgd", eps_list=[0.0, 8 / 255], batch_size=64)
+    assert res.top_class_fraction == 1.0
+    clean = res.clean_correct.mean()
+    assert res.robust_accuracy()[8 / 255] == pytest.approx(clean)   # "perfectly robust"
+    assert "one class" in A.degenerate(max(clean, 0.5), res.top_class_fraction, 10)
+    assert "near chance" in A.degenerate(0.12, 0.2, 10)
+    assert A.degenerate(0.9, 0.12, 10) is None
+
+
+# ----------------------------------------------------------------------------- verdicts on constructed rows
+
+
+def _rows(key, kind, t1, seed, accs, clean=0.9, top=0.12, teacher=None, T=None):
+    """accs: {attack: {eps_255: robust accuracy}}."""
+    out = []
+    for attack, by_eps in accs.items():
+        for e, r in by_eps.items():
+            out.append({"model_key": key, "kind": kind, "model": "node" if kind != "teacher" else "resnet20",
+                        "teacher": teacher, "T": T, "t1": t1, "seed": seed, "dataset": "digits", "attack": attack,
+                        "eps_255": float(e), "clean_accuracy": clean, "robust_accuracy": r,
+                        "top_class_fraction": top, "num_classes": 10, "nfe_per_image": 30.0, "rtol": 1e-3})
+    return out
+
+
+def _study(kd_gain, horizon_gain, masked=False, seeds=3, degenerate_kd=False):
+    rows = []
+    for s in range(seeds):
+        noise = 0.01 * s
+        for kd in (False, True):
+            for t1 in (1.0, 100.0):
+                base = 0.40 + noise + (kd_gain if kd else 0) + (horizon_gain if t1 == 100.0 else 0)
+                accs = {"pgd": {0: 0.9, 8: base + 0.2}, "pgd-long": {0: 0.9, 8: base},
+                        "square": {0: 0.9, 8: base - (0.2 if masked else -0.05)}}
+                key = f"{'kd' if kd else 'node'}-t{t1:g}-s{s}"
+                rows += _rows(key, "node_kd" if kd else "node", t1, s, accs, teacher="resnet20" if kd else None,
+                              T=10.0 if kd else None, clean=0.1 if (kd and degenerate_kd) else 0.9)
+    return rows
+
+
+def _verdict(rows, claim):
+    text, v = A.audit_markdown(rows)
+    return {x["claim"]: x for x in v}[claim], text
+
+
+def test_verdicts_follow_the_numbers():
+    v, text = _verdict(_study(0.10, 0.0), "KD improves robustness")
+    assert v["verdict"] == "supported" and v["mean"] == pytest.approx(10.0)
+    assert _verdict(_study(-0.10, 0.0), "KD improves robustness")[0]["verdict"] == "refuted"
+    v = _verdict(_study(0.0, 0.05), "a longer horizon improves robustness")[0]
+    assert v["verdict"] == "supported" and v["mean"] == pytest.approx(5.0) and v["n"] == 6
+    assert _verdict(_study(0.0, 0.0), "a longer horizon improves robustness")[0]["verdict"] == "inconclusive"
+    assert _verdict(_study(0.1, 0.0, seeds=1), "KD improves robustness")[0]["verdict"] == "inconclusive"
+    v, text = _verdict(_study(0.0, 0.0, masked=True), "the robustness is not gradient masking")
+    assert v["verdict"] == "refuted" and "square" in v["why"]
+    v, text = _verdict(_study(0.0, 0.0), "the robustness is not gradient masking")
+    assert v["verdict"] == "supported"
+    # the paper's attacks overstate by 20 points in these rows: the gap column and the summary say so
+    assert "| 8 | 60.0 | 40.0 | pgd-long | 20.0 |" in text.replace("s0 | 90.0", "s0 | 90.0")
+    assert "overstate NODE robustness by 20.0 points" in v["why"]
+
+
+def test_degenerate_students_are_left_out_of_the_verdicts():
+    v, text = _verdict(_study(0.3, 0.0, degenerate_kd=True), "KD improves robustness")
+    assert v["verdict"] == "inconclusive" and "0 usable pair" in v["why"]
+    assert "Degenerate models" in text and "near chance" in text
+    assert "(70.0)" in text     # their numbers are shown in parentheses, not as robustness
