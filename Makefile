@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PAIR := torch==2.15.0 torchvision==0.29.2
 
-.PHONY: demo study test bench clean-venv
+.PHONY: demo audit study test bench clean-venv
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # The whole pipeline on digits with smoke settings, on a local Ray instance: teachers, logits,
-# students with and without KD, PGD and MI-FGSM sweeps, Parquet, Tables 1-3 and Figure 1.
+# students with and without KD, PGD and MI-FGSM sweeps, Parquet, Tables 1-3, Figure 1 and the
+# audit report (which flags the smoke students that do not learn as degenerate).
 # A rerun skips finished work (delete runs/demo to start over).
 DEMO_GRID := --dataset digits --smoke-test --teachers resnet20 resnet32 --temperatures 3 10
 demo: $(VENV)/.installed       ## the main job: the paper's pipeline on digits, local Ray
 	$(PY) sweeps/paper.py $(DEMO_GRID) --storage runs/demo --resume
+
+audit: $(VENV)/.installed      ## the attack audit on digits: 3 seeds at --scale digits (hours on 2 CPU cores)
+	$(PY) sweeps/audit.py --storage runs/digits-audit --resume
 
 study: $(VENV)/.installed      ## the digits study without Ray (3 seeds, ~17 min)
 	$(PY) -m nodekd_ray.study --dataset digits --out runs/digits-study
