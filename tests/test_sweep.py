@@ -154,7 +154,8 @@ def test_attack_files_round_trip_with_the_schema(trained):
 def test_report_tables_and_figure_from_records_and_parquet(trained):
     st, *_ = trained
     paths = R.write_report(st.root)
-    assert set(paths) == {"Table 1", "Table 2", "Table 3", "Attacks", "Figure 1"}
+    assert set(paths) == {"Table 1", "Table 2", "Table 3", "Attacks", "Audit", "Figure 1"}
+    assert "## Verdicts" in open(paths["Audit"]).read()
     assert open(paths["Figure 1"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     t2 = open(paths["Table 2"]).read()
     kd_acc = st.read_record("kd-synthetic-t1-resnet20-T3-lam0.9-s0")["test_accuracy"]
