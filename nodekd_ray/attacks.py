@@ -173,7 +173,6 @@ class SweepResult:
     plans: dict = field(default_factory=dict)    # eps -> attack_plan(...)
     solver: dict = field(default_factory=dict)   # solver, rtol, atol, time_input of the evaluated model (NODEs)
     top_class_fraction: float = 0.0              # share of the most frequent clean prediction
-    clean_pred: np.ndarray | None = None         # (n,) clean predictions
 
     def robust_accuracy(self) -> dict[float, float]:
         return {float(e): float(self.adv_correct[self.eps == e].mean()) for e in np.unique(self.eps)}
@@ -203,7 +202,7 @@ def _nfe(*models) -> int:
     return total
 
 
-def _adversarial(attack, grad_model, x, y, eps, plan, gen, seed, steps_override=None):
+def _adversarial(attack, grad_model, x, y, eps, plan, gen, seed):
     """Adversarial images for one batch, made with grad_model's gradients (or queries)."""
     if attack in ("pgd", "pgd-conv", "pgd-long", "pgd-restarts", "transfer-teacher", "transfer-node", "pgd-rk4") \
             or attack in TOLERANCES:
@@ -310,7 +309,7 @@ def attack_sweep(model, images: torch.Tensor, labels: torch.Tensor, *, attack: s
     cat = {k: np.concatenate(v) for k, v in rows.items()}
     return SweepResult(attack, cat["eps"], cat["steps"], cat["index"], np.tile(labels.cpu().numpy(), len(eps_list)),
                        cat["clean"], cat["adv"], cat["nfe"], seconds, plans, solver_info(model),
-                       float(counts.max()) / max(1, n), pred.cpu().numpy())
+                       float(counts.max()) / max(1, n))
 
 
 def sweep_table(res: SweepResult, *, seed: int):

@@ -523,6 +523,11 @@ def save_model(storage: Storage, key: str, model, ckpt: dict) -> dict:
     return {"model_bytes": len(data), "model_sha256": hashlib.sha256(data).hexdigest()}
 
 
+def record_arch(rec: dict) -> str:
+    """The architecture a job's record says its model file must hold."""
+    return rec.get("model") if rec.get("kind") == "teacher" else "node"
+
+
 def expected_arch(job) -> str:
     return job.arch if isinstance(job, TeacherJob) else "node"
 
@@ -709,13 +714,12 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
     if held is not None:
         device = placement_device(held)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    arch = rec.get("model") if rec.get("kind") == "teacher" else "node"   # a ResNet where a NODE belongs is refused
-    model, _ = load_model(storage, job.model_key, expect_arch=arch, rec=rec)
+    # a ResNet where a NODE belongs is refused
+    model, _ = load_model(storage, job.model_key, expect_arch=record_arch(rec), rec=rec)
     source, source_name = None, ""
     if job.source:
         src = storage.read_record(job.source) or {}
-        source, _ = load_model(storage, job.source, expect_arch=src.get("model") if src.get("kind") == "teacher"
-                               else "node", rec=src)
+        source, _ = load_model(storage, job.source, expect_arch=record_arch(src), rec=src)
         source_name = job.source
     audit = settings.audit_config()
     if job.attack == "pgd-rk4":

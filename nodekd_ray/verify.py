@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 from .errors import ConfigError
 from .storage import Damaged, Storage
-from .sweep import AttackJob, _attack_table_problem, attack_problem, logits_problem
+from .sweep import AttackJob, _attack_table_problem, attack_problem, logits_problem, record_arch
 
 
 @dataclass
@@ -93,7 +93,7 @@ def verify(root: str) -> VerifyReport:
         if rec.get("status") != "done":
             rep.unfinished.append(f"{key}: {rec.get('status')}" + (f": {rec['error']}" if rec.get("error") else ""))
             continue
-        arch = rec.get("model") if rec.get("kind") == "teacher" else "node"
+        arch = record_arch(rec)
         problem = st.model_problem(key, rec, arch)
         if problem:
             rep.damaged.append(problem + (" (its record says done)" if problem.startswith("missing") else ""))
