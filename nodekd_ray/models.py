@@ -141,9 +141,10 @@ class ODEFunc(nn.Module):
     the backward cost with either plain backpropagation or the adjoint method.
     """
 
-    def __init__(self, width: int, layers: int = 4, time_input: str = "raw", t1: float = 1.0):
+    def __init__(self, width: int, layers: int = 4, time_input: str = "raw", t1: float = 1.0,
+                 time_conv: str = "aligned"):
         super().__init__()
-        self.time_input, self.t1 = time_input, t1
+        self.time_input, self.t1, self.time_conv = time_input, t1, time_conv
         extra = 0 if time_input == "none" else 1
         self.norms = nn.ModuleList(_gn(width) for _ in range(layers))
         self.convs = nn.ModuleList(nn.Conv2d(width + extra, width, 3, 1, 1) for _ in range(layers))
@@ -158,9 +159,29 @@ class ODEFunc(nn.Module):
             tt = tv.to(h.dtype).expand(h.shape[0], 1, h.shape[2], h.shape[3])
         for norm, conv in zip(self.norms, self.convs):
             h = F.relu(norm(h))
-            h = conv(h if self.time_input == "none" else torch.cat([h, tt], dim=1))
+            if self.time_input == "none":
+                h = conv(h)
+            elif self.time_conv == "concat":
+                h = conv(torch.cat([h, tt], dim=1))
+            else:
+                h = _time_conv(conv, h, tv)
         out = self.norm_out(h)
         return _CountBackward.apply(out, self) if torch.is_grad_enabled() else out
+
+
+def _time_conv(conv: nn.Conv2d, h: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
+    """conv(cat([h, t * 1])) without the concatenation: conv over h's width channels (a shape GPU
+    matrix units handle well: 512 -> 512, not 513 -> 512) plus t times the kernel's response to a
+    constant channel of ones. The response is computed with the same zero padding, so border
+    pixels, which see fewer ones, are exact too. By linearity this is the concatenation form
+    (tests/test_models.py compares them). The weight keeps its (width, width + 1, 3, 3) shape, so
+    checkpoints are the same either way."""
+    w = conv.weight
+    c = h.shape[1]
+    out = F.conv2d(h, w[:, :c], conv.bias, conv.stride, conv.padding)
+    ones = torch.ones(1, 1, h.shape[2], h.shape[3], dtype=h.dtype, device=h.device)
+    response = F.conv2d(ones, w[:, c:], None, conv.stride, conv.padding)   # (1, width, H, W)
+    return out + tv.to(h.dtype) * response
 
 
 class ODESolveError(RuntimeError):
@@ -180,10 +201,13 @@ class NODEConfig:
     step_size: float = 0.0        # fixed-step solvers only; 0 means t1 / 10
     adjoint: bool = False         # odeint_adjoint: O(1) memory in time, re-solves backwards
     time_input: str = "raw"       # "raw" (t channel, torchdiffeq's ODE-Net), "scaled" (t/t1) or "none"
+    time_conv: str = "aligned"    # how the time channel enters a conv: "aligned" (width -> width conv plus
+                                  # t times a precomputed response) or "concat" (width + 1 -> width); equal
 
     def validate(self) -> "NODEConfig":
         check_choice("solver", self.solver, SOLVERS)
         check_choice("time_input", self.time_input, TIME_INPUTS)
+        check_choice("time_conv", self.time_conv, ("aligned", "concat"))
         for field in ("t1", "rtol", "atol"):
             v = getattr(self, field)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -209,7 +233,7 @@ class NeuralODE(nn.Module):
             nn.Conv2d(s, 2 * s, 4, 2, 1), _gn(2 * s), nn.ReLU(inplace=True),
             nn.Conv2d(2 * s, w, 4, 2, 1),
         )
-        self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1)
+        self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1, cfg.time_conv)
         self.head_norm = _gn(w)
         self.fc = nn.Linear(w, num_classes)
         self.register_buffer("t_span", torch.tensor([0.0, float(cfg.t1)]), persistent=False)

@@ -140,3 +140,27 @@ def test_scaled_time_makes_the_horizon_a_reparametrisation(solver, t1, tol):
 
 def test_default_time_input_is_raw_t():
     assert NODEConfig().time_input == "raw"
+
+
+@pytest.mark.parametrize("time_input", ["raw", "scaled"])
+def test_aligned_time_conv_is_the_concatenation(time_input):
+    """conv(h) + t * (kernel's response to a constant channel, zero padding included) ==
+    conv(cat([h, t])): outputs and every gradient, at t = 0.3 and t = 57 (the border pixels too)."""
+    from nodekd_ray.models import ODEFunc
+
+    torch.manual_seed(0)
+    a = ODEFunc(16, time_input=time_input, t1=100.0, time_conv="aligned").double()
+    b = ODEFunc(16, time_input=time_input, t1=100.0, time_conv="concat").double()
+    b.load_state_dict(a.state_dict())
+    for t in (0.3, 57.0):
+        h = torch.randn(3, 16, 8, 8, dtype=torch.float64, requires_grad=True)
+        ya, yb = a(torch.tensor(t, dtype=torch.float64), h), b(torch.tensor(t, dtype=torch.float64), h)
+        assert torch.allclose(ya, yb, atol=1e-10, rtol=0)
+        ga = torch.autograd.grad(ya.square().sum(), [h, *a.parameters()])
+        gb = torch.autograd.grad(yb.square().sum(), [h, *b.parameters()])
+        for x, y in zip(ga, gb):
+            assert torch.allclose(x, y, atol=1e-9, rtol=0)
+    # the border response differs from the interior one: zero padding is part of the identity
+    w = a.convs[0].weight[:, 16:]
+    resp = torch.nn.functional.conv2d(torch.ones(1, 1, 8, 8, dtype=torch.float64), w, padding=1)
+    assert not torch.allclose(resp[..., 0, 0], resp[..., 4, 4])
