@@ -164,3 +164,38 @@ def test_aligned_time_conv_is_the_concatenation(time_input):
     w = a.convs[0].weight[:, 16:]
     resp = torch.nn.functional.conv2d(torch.ones(1, 1, 8, 8, dtype=torch.float64), w, padding=1)
     assert not torch.allclose(resp[..., 0, 0], resp[..., 4, 4])
+
+
+# logits of each student option against the reference (fp32 IEEE, concatenated time channel),
+# with the tolerance each is held to: bf16 rounds the convolutions' inputs to 8 mantissa bits
+OPTIONS = [(dict(precision="tf32"), 1e-6), (dict(time_conv="aligned"), 1e-5), (dict(channels_last=True), 1e-5),
+           (dict(precision="bf16"), 3e-2), (dict(precision="bf16", channels_last=True), 3e-2)]
+
+
+@pytest.mark.parametrize("option,tol", OPTIONS)
+def test_student_options_give_the_same_logits(option, tol):
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    ref_cfg = dict(TINY_NODE, precision="fp32", time_conv="concat", t1=2.0)
+    torch.manual_seed(0)
+    ref = build_model("node", node=ref_cfg).eval()
+    torch.manual_seed(0)
+    m = build_model("node", node=dict(ref_cfg, **option)).eval()
+    with torch.no_grad():
+        a, b = ref(x), m(x)
+    scale = a.abs().max()
+    assert (a - b).abs().max() <= tol * scale, ((a - b).abs().max() / scale).item()
+    assert m.nfe_forward <= ref.nfe_forward + 12   # bf16 noise may cost dopri5 a rejected step or two
+    loss = m(x).logsumexp(1).sum()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.func.parameters())
+
+
+def test_compiled_ode_function_gives_the_same_logits():
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    ref = build_model("node", node=TINY_NODE).eval()
+    torch.manual_seed(0)
+    m = build_model("node", node=dict(TINY_NODE, compile=True)).eval()
+    with torch.no_grad():
+        assert torch.allclose(ref(x), m(x), atol=1e-5)
+    assert m.nfe_forward == ref.nfe_forward
