@@ -20,6 +20,7 @@ torchdiffeq's ODE-Net example (examples/odenet_mnist.py):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -35,6 +36,7 @@ ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_SOLVERS = ("euler", "midpoint", "rk4")
 SOLVERS = ADAPTIVE_SOLVERS + FIXED_SOLVERS
 TIME_INPUTS = ("scaled", "raw", "none")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class Normalize(nn.Module):
@@ -141,9 +143,11 @@ class ODEFunc(nn.Module):
     the backward cost with either plain backpropagation or the adjoint method.
     """
 
-    def __init__(self, width: int, layers: int = 4, time_input: str = "raw", t1: float = 1.0):
+    def __init__(self, width: int, layers: int = 4, time_input: str = "raw", t1: float = 1.0,
+                 time_conv: str = "aligned", precision: str = "tf32", compile: bool = False):
         super().__init__()
-        self.time_input, self.t1 = time_input, t1
+        self.time_input, self.t1, self.time_conv, self.precision = time_input, t1, time_conv, precision
+        self._layers_fn = torch.compile(self._layers) if compile else self._layers
         extra = 0 if time_input == "none" else 1
         self.norms = nn.ModuleList(_gn(width) for _ in range(layers))
         self.convs = nn.ModuleList(nn.Conv2d(width + extra, width, 3, 1, 1) for _ in range(layers))
@@ -151,16 +155,61 @@ class ODEFunc(nn.Module):
         self.nfe = 0
         self.nfe_backward = 0
 
-    def forward(self, t, h):  # h: (B, width, 8, 8)
+    def forward(self, t, h):  # h: (B, width, 8, 8), fp32: the solver's state and error control stay fp32
         self.nfe += 1
+        if self.precision == "bf16":
+            with torch.autocast(h.device.type, dtype=torch.bfloat16):
+                z = self._layers_fn(t, h)
+            z = z.float()
+        elif h.is_cuda:
+            with _cudnn_conv_precision("tf32" if self.precision == "tf32" else "ieee"):
+                z = self._layers_fn(t, h)
+        else:
+            z = self._layers_fn(t, h)
+        out = self.norm_out(z)
+        return _CountBackward.apply(out, self) if torch.is_grad_enabled() else out
+
+    def _layers(self, t, h):
         if self.time_input != "none":
             tv = t / self.t1 if self.time_input == "scaled" else t
             tt = tv.to(h.dtype).expand(h.shape[0], 1, h.shape[2], h.shape[3])
         for norm, conv in zip(self.norms, self.convs):
             h = F.relu(norm(h))
-            h = conv(h if self.time_input == "none" else torch.cat([h, tt], dim=1))
-        out = self.norm_out(h)
-        return _CountBackward.apply(out, self) if torch.is_grad_enabled() else out
+            if self.time_input == "none":
+                h = conv(h)
+            elif self.time_conv == "concat":
+                h = conv(torch.cat([h, tt], dim=1))
+            else:
+                h = _time_conv(conv, h, tv)
+        return h
+
+
+@contextlib.contextmanager
+def _cudnn_conv_precision(mode: str):
+    """cuDNN convolutions in fp32 run as TF32 by default in PyTorch (torch.backends.cudnn.conv.
+    fp32_precision == "tf32"); precision "fp32" asks for IEEE fp32 ("ieee") instead."""
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    conv.fp32_precision = mode
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
+
+
+def _time_conv(conv: nn.Conv2d, h: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
+    """conv(cat([h, t * 1])) without the concatenation: conv over h's width channels (a shape GPU
+    matrix units handle well: 512 -> 512, not 513 -> 512) plus t times the kernel's response to a
+    constant channel of ones. The response is computed with the same zero padding, so border
+    pixels, which see fewer ones, are exact too. By linearity this is the concatenation form
+    (tests/test_models.py compares them). The weight keeps its (width, width + 1, 3, 3) shape, so
+    checkpoints are the same either way."""
+    w = conv.weight
+    c = h.shape[1]
+    out = F.conv2d(h, w[:, :c], conv.bias, conv.stride, conv.padding)
+    ones = torch.ones(1, 1, h.shape[2], h.shape[3], dtype=h.dtype, device=h.device)
+    response = F.conv2d(ones, w[:, c:], None, conv.stride, conv.padding)   # (1, width, H, W)
+    return out + tv.to(h.dtype) * response
 
 
 class ODESolveError(RuntimeError):
@@ -180,10 +229,18 @@ class NODEConfig:
     step_size: float = 0.0        # fixed-step solvers only; 0 means t1 / 10
     adjoint: bool = False         # odeint_adjoint: O(1) memory in time, re-solves backwards
     time_input: str = "raw"       # "raw" (t channel, torchdiffeq's ODE-Net), "scaled" (t/t1) or "none"
+    time_conv: str = "aligned"    # how the time channel enters a conv: "aligned" (width -> width conv plus
+                                  # t times a precomputed response) or "concat" (width + 1 -> width); equal
+    precision: str = "tf32"       # convolutions of f: "fp32" (IEEE), "tf32" (PyTorch's default for cuDNN
+                                  # convs on GPUs) or "bf16" (autocast); state, solver and loss stay fp32
+    channels_last: bool = False   # NHWC memory format for the ODE state and f's convolutions
+    compile: bool = False         # torch.compile f's layers
 
     def validate(self) -> "NODEConfig":
         check_choice("solver", self.solver, SOLVERS)
         check_choice("time_input", self.time_input, TIME_INPUTS)
+        check_choice("time_conv", self.time_conv, ("aligned", "concat"))
+        check_choice("precision", self.precision, PRECISIONS)
         for field in ("t1", "rtol", "atol"):
             v = getattr(self, field)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -209,11 +266,13 @@ class NeuralODE(nn.Module):
             nn.Conv2d(s, 2 * s, 4, 2, 1), _gn(2 * s), nn.ReLU(inplace=True),
             nn.Conv2d(2 * s, w, 4, 2, 1),
         )
-        self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1)
+        self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1, cfg.time_conv, cfg.precision, cfg.compile)
         self.head_norm = _gn(w)
         self.fc = nn.Linear(w, num_classes)
         self.register_buffer("t_span", torch.tensor([0.0, float(cfg.t1)]), persistent=False)
         _he_init(self)
+        if cfg.channels_last:   # after the init: normal_ fills storage in memory order
+            self.func.to(memory_format=torch.channels_last)
 
     @property
     def nfe_forward(self) -> int:
@@ -244,6 +303,8 @@ class NeuralODE(nn.Module):
 
     def forward(self, x):  # x: (B, C, 32, 32) in [0, 1]
         h = self.stem(self.normalize(x))          # (B, width, 8, 8)
+        if self.cfg.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         h = self.integrate(h)                     # (B, width, 8, 8)
         h = F.relu(self.head_norm(h)).mean(dim=(2, 3))  # (B, width)
         return self.fc(h)                         # (B, classes)

@@ -140,3 +140,62 @@ def test_scaled_time_makes_the_horizon_a_reparametrisation(solver, t1, tol):
 
 def test_default_time_input_is_raw_t():
     assert NODEConfig().time_input == "raw"
+
+
+@pytest.mark.parametrize("time_input", ["raw", "scaled"])
+def test_aligned_time_conv_is_the_concatenation(time_input):
+    """conv(h) + t * (kernel's response to a constant channel, zero padding included) ==
+    conv(cat([h, t])): outputs and every gradient, at t = 0.3 and t = 57 (the border pixels too)."""
+    from nodekd_ray.models import ODEFunc
+
+    torch.manual_seed(0)
+    a = ODEFunc(16, time_input=time_input, t1=100.0, time_conv="aligned").double()
+    b = ODEFunc(16, time_input=time_input, t1=100.0, time_conv="concat").double()
+    b.load_state_dict(a.state_dict())
+    for t in (0.3, 57.0):
+        h = torch.randn(3, 16, 8, 8, dtype=torch.float64, requires_grad=True)
+        ya, yb = a(torch.tensor(t, dtype=torch.float64), h), b(torch.tensor(t, dtype=torch.float64), h)
+        assert torch.allclose(ya, yb, atol=1e-10, rtol=0)
+        ga = torch.autograd.grad(ya.square().sum(), [h, *a.parameters()])
+        gb = torch.autograd.grad(yb.square().sum(), [h, *b.parameters()])
+        for x, y in zip(ga, gb):
+            assert torch.allclose(x, y, atol=1e-9, rtol=0)
+    # the border response differs from the interior one: zero padding is part of the identity
+    w = a.convs[0].weight[:, 16:]
+    resp = torch.nn.functional.conv2d(torch.ones(1, 1, 8, 8, dtype=torch.float64), w, padding=1)
+    assert not torch.allclose(resp[..., 0, 0], resp[..., 4, 4])
+
+
+# logits of each student option against the reference (fp32 IEEE, concatenated time channel),
+# with the tolerance each is held to: bf16 rounds the convolutions' inputs to 8 mantissa bits
+OPTIONS = [(dict(precision="tf32"), 1e-6), (dict(time_conv="aligned"), 1e-5), (dict(channels_last=True), 1e-5),
+           (dict(precision="bf16"), 3e-2), (dict(precision="bf16", channels_last=True), 3e-2)]
+
+
+@pytest.mark.parametrize("option,tol", OPTIONS)
+def test_student_options_give_the_same_logits(option, tol):
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    ref_cfg = dict(TINY_NODE, precision="fp32", time_conv="concat", t1=2.0)
+    torch.manual_seed(0)
+    ref = build_model("node", node=ref_cfg).eval()
+    torch.manual_seed(0)
+    m = build_model("node", node=dict(ref_cfg, **option)).eval()
+    with torch.no_grad():
+        a, b = ref(x), m(x)
+    scale = a.abs().max()
+    assert (a - b).abs().max() <= tol * scale, ((a - b).abs().max() / scale).item()
+    assert m.nfe_forward <= ref.nfe_forward + 12   # bf16 noise may cost dopri5 a rejected step or two
+    loss = m(x).logsumexp(1).sum()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.func.parameters())
+
+
+def test_compiled_ode_function_gives_the_same_logits():
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    ref = build_model("node", node=TINY_NODE).eval()
+    torch.manual_seed(0)
+    m = build_model("node", node=dict(TINY_NODE, compile=True)).eval()
+    with torch.no_grad():
+        assert torch.allclose(ref(x), m(x), atol=1e-5)
+    assert m.nfe_forward == ref.nfe_forward
