@@ -48,7 +48,7 @@ def _common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .attacks import ATTACKS
     from .kd import LOGIT_MODES
-    from .models import RESNET_DEPTHS, SOLVERS, TIME_INPUTS
+    from .models import RESNET_DEPTHS, SOLVERS, TIME_INPUTS, PRECISIONS
 
     p = _Parser(prog="nodekd", description="Knowledge distillation from ResNets into Neural ODEs, and attacks on them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--step-size", type=float, default=0.0, help="step of fixed-step solvers (0: t1/10)")
     n.add_argument("--adjoint", action="store_true", help="backpropagate with odeint_adjoint")
     n.add_argument("--time-input", default="raw", help=f"time channel of f: {', '.join(TIME_INPUTS)} (raw: t, as torchdiffeq's ODE-Net)")
+    n.add_argument("--time-conv", default="aligned", help="how t enters f's convs: aligned (width->width conv plus t "
+                                                          "times a precomputed response) or concat; the same function")
+    n.add_argument("--precision", default="tf32", help=f"f's convolutions: {', '.join(PRECISIONS)} (the ODE state, "
+                                                       "solver and loss stay fp32)")
+    n.add_argument("--channels-last", action="store_true", help="NHWC memory format for the ODE state and f")
+    n.add_argument("--compile", action="store_true", help="torch.compile f's layers")
     _common(s)
 
     a = sub.add_parser("attack", help="attack one model on one data set over a list of eps",
@@ -104,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "else 0.")
     v.add_argument("results_dir", metavar="STORAGE", help="a sweep's --storage folder or URI")
     v.add_argument("-q", "--quiet", action="store_true", help="print the summary and the damaged items only")
+
+    c = sub.add_parser("costs", help="measured seconds per epoch and NFE of a finished (pilot) sweep, for --dry-run --costs",
+                       description="Reads a sweep folder's trial records and writes the median seconds per epoch of "
+                                   "every finished job and the median forward NFE per horizon as a costs file "
+                                   "(nodekd_ray/costs.py) that a sweep's --dry-run --costs turns into GPU-hours.")
+    c.add_argument("results_dir", metavar="STORAGE", help="a sweep's --storage folder or URI")
+    c.add_argument("--device", default=None, help="what the pilot ran on (recorded in the file)")
+    c.add_argument("--out", default="-", help="costs file to write (default: standard output)")
 
     d = sub.add_parser("download", help="fetch cifar10/svhn into a data root once (file-locked)",
                        description="Download CIFAR10 and/or SVHN through torchvision into --data-root, once: "
@@ -170,7 +184,9 @@ def cmd_train_student(args) -> None:
 
     node = NODEConfig(width=args.width, layers=args.layers, stem_channels=args.stem_channels, t1=args.t1,
                       solver=args.solver, rtol=args.rtol, atol=args.atol, max_num_steps=args.max_num_steps,
-                      step_size=args.step_size, adjoint=args.adjoint, time_input=args.time_input)
+                      step_size=args.step_size, adjoint=args.adjoint, time_input=args.time_input,
+                      time_conv=args.time_conv, precision=args.precision, channels_last=args.channels_last,
+                      compile=args.compile)
     cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,
                         **_recipe_kwargs(args)).validate()
     _check_out(args)
@@ -254,8 +270,34 @@ def cmd_verify(args) -> int:
     return 1 if report.damaged else 0
 
 
+def cmd_costs(args) -> int:
+    import json
+
+    from .costs import costs_from_records
+    from .results import atomic_write_text
+    from .storage import Storage
+
+    storage = Storage(args.results_dir)
+    storage.check_reachable()
+    if not storage.isdir(storage.base):
+        raise ConfigError("results_dir", f"no such folder: {storage.name}")
+    records = storage.records()
+    data = costs_from_records(records)
+    devices = {r.get("device") for r in records if r.get("status") == "done"} - {None}
+    data = {"device": args.device or (", ".join(sorted(devices)) or None), **data}
+    if not data["seconds_per_epoch"]:
+        raise ConfigError("storage", f"{args.results_dir} holds no finished jobs with timed epochs")
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(text, args.out)
+        print(f"{len(data['seconds_per_epoch'])} jobs' seconds per epoch -> {args.out}")
+    return 0
+
+
 COMMANDS = {"train-teacher": cmd_train_teacher, "train-student": cmd_train_student, "attack": cmd_attack,
-            "report": cmd_report, "download": cmd_download, "verify": cmd_verify}
+            "report": cmd_report, "download": cmd_download, "verify": cmd_verify, "costs": cmd_costs}
 
 
 def main(argv=None) -> int:

@@ -273,17 +273,19 @@ def node_nfe_guess(t1: float) -> float:
     return NFE_T1_1 * (1.0 + math.log10(max(float(t1), 1.0)))
 
 
-def expected_cost(job, settings: "Settings", model=None) -> float:
+def expected_cost(job, settings: "Settings", model=None, nfe: dict | None = None) -> float:
     """Relative compute of a job (GFLOP): images seen x FLOP per image x 3 (forward + backward).
 
     An attack job needs the job of the model it attacks (``model``): images x eps values x about
-    20 steps x 2. Used to order jobs longest-first and to print plans; never a result.
+    20 steps x 2. nfe: measured forward NFE per solve by str(float(t1)) (costs.py), else a guess.
+    Used to order jobs longest-first and to print plans (costs.py turns it into GPU-hours with a
+    measured rate); never a result.
     """
     if isinstance(job, AttackJob):
         n = settings.attack_images or 10_000
-        return 2.0 * 20 * n * len(job.eps_255) * (_per_image_gflop(model, settings) if model else 1.0)
+        return 2.0 * 20 * n * len(job.eps_255) * (_per_image_gflop(model, settings, nfe) if model else 1.0)
     images = job_config(job, settings).resolved_epochs() * _train_images(job, settings)
-    return 3.0 * images * _per_image_gflop(job, settings)
+    return 3.0 * images * _per_image_gflop(job, settings, nfe)
 
 
 def job_config(job, settings):
@@ -296,10 +298,11 @@ def _train_images(job, settings) -> int:
     return min(limit or TRAIN_SIZES[job.dataset], TRAIN_SIZES[job.dataset])
 
 
-def _per_image_gflop(job, settings) -> float:
+def _per_image_gflop(job, settings, nfe: dict | None = None) -> float:
     if isinstance(job, TeacherJob):
         return RESNET_GFLOP * (RESNET_DEPTHS[job.arch] - 2)
-    return NODE_GFLOP_512 * (job_config(job, settings).node.width / 512) ** 2 * node_nfe_guess(job.t1)
+    evals = (nfe or {}).get(str(float(job.t1))) or node_nfe_guess(job.t1)
+    return NODE_GFLOP_512 * (job_config(job, settings).node.width / 512) ** 2 * evals
 
 
 def longest_first(jobs, settings: "Settings", models: dict | None = None) -> list:

@@ -237,11 +237,14 @@ def fit(model, cfg: RecipeConfig, train: ImageSet, test: ImageSet, *, loss_fn, n
         nfe_f = nfe_b = 0
         for i, batch in enumerate(batches):
             f0, b0 = nfe_totals(model)
-            logits = model(batch.x)
-            f1 = nfe_totals(model)[0]
-            loss = loss_fn(batch, logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                logits = model(batch.x)
+                f1 = nfe_totals(model)[0]
+                loss = loss_fn(batch, logits)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(name, cfg, device, e) from None
             opt.step()
             n = len(batch.y)
             nfe_f += (f1 - f0) * n
@@ -274,6 +277,30 @@ def fit(model, cfg: RecipeConfig, train: ImageSet, test: ImageSet, *, loss_fn, n
     if writer is not None:
         writer.close()
     return history
+
+
+def out_of_memory(name: str, cfg: RecipeConfig, device, error: Exception) -> ConfigError:
+    """A one-line error for a training step that does not fit in the device's memory.
+
+    With plain backpropagation through dopri5, a student's activation memory grows with the
+    number of function evaluations (NFE), which grows with the horizon; the adjoint method keeps
+    it at one evaluation's. The first step's NFE is reached within seconds of the start, so in
+    practice this fires before any epoch has finished (nothing but the "running" record is written).
+    """
+    where = str(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        where = f"{torch.cuda.get_device_name(device)} ({total:.0f} GiB; {peak:.1f} GiB in use at the failure)"
+    hints = [f"a smaller batch (now {cfg.batch_size})"]
+    node = getattr(cfg, "node", None)
+    if node is not None and not node.adjoint:
+        hints.insert(0, "the adjoint method (adjoint: memory of one function evaluation, not of every one)")
+    if node is not None and node.precision != "bf16":
+        hints.append("precision bf16")
+    return ConfigError("batch_size", f"{name} does not fit in the memory of {where}: "
+                                     f"{str(error).splitlines()[0][:120] if str(error) else 'out of memory'}; "
+                                     f"use {', or '.join(hints)}, or a GPU with more memory")
 
 
 def _tensorboard(log_dir):

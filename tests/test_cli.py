@@ -85,7 +85,7 @@ def test_help_explains_every_option():
         for action in parser._actions:
             assert action.help and len(action.help) > 8, (cmd, action.dest)
         r = subprocess.run([sys.executable, "-m", "nodekd_ray.cli", cmd, "--help"], capture_output=True, text=True)
-        assert r.returncode == 0 and ("--dataset" in r.stdout or cmd in ("report", "download", "verify")), cmd
+        assert r.returncode == 0 and ("--dataset" in r.stdout or cmd in ("report", "download", "verify", "costs")), cmd
         assert parser.description and parser.description.split()[0] in r.stdout
 
 

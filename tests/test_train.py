@@ -86,3 +86,20 @@ def test_resume_continues_exactly(synthetic):
     assert drop(h) == drop(h_straight)
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_out_of_memory_is_one_line_naming_the_remedies(synthetic, monkeypatch):
+    """A step that does not fit (torch raises OutOfMemoryError) ends training with one line that
+    names the batch size and the adjoint method, not a CUDA traceback."""
+    from nodekd_ray.models import ODEFunc
+
+    def no_memory(self, t, h):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(ODEFunc, "forward", no_memory)
+    cfg = StudentConfig(dataset="synthetic", kd=False, epochs=1, batch_size=32, node=NODEConfig(**TINY_NODE))
+    with pytest.raises(ConfigError) as e:
+        train_student(cfg, data=synthetic, progress=False, log=lambda m: None)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("batch_size:")
+    assert "adjoint" in msg and "smaller batch (now 32)" in msg and "Tried to allocate 20.00 GiB" in msg

@@ -35,10 +35,15 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     ap.add_argument("--horizons", nargs="+", type=float, default=None, metavar="T1", help="override the KD horizons")
     ap.add_argument("--baseline-horizons", nargs="+", type=float, default=None, metavar="T1",
                     help="override the horizons of the no-KD NODE baselines")
+    ap.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
+                    help="override the sweep's attacks (paper: pgd mifgsm; audit attacks: see nodekd_ray/attacks.py)")
     ap.add_argument("--lam", type=float, default=0.9, help="KD weight lambda (paper 0.9)")
     ap.add_argument("--logits-mode", default="paper", help="paper, views or online (see nodekd_ray.kd)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs for teachers and students (default: paper)")
     ap.add_argument("--width", type=int, default=None, help="NODE width (default: paper, 512)")
+    ap.add_argument("--precision", default=None, choices=("fp32", "tf32", "bf16"),
+                    help="students' ODE-function convolutions (default: tf32, PyTorch's own for cuDNN convs; "
+                         "the ODE state, solver and loss stay fp32)")
     ap.add_argument("--attack-images", type=int, default=None, help="test images attacked (default 1000)")
     ap.add_argument("--data-root", default=os.environ.get("NODEKD_DATA_ROOT", "data"),
                     help="where cifar10/svhn live (default $NODEKD_DATA_ROOT, else data)")
@@ -57,6 +62,9 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
                     help="print the planned jobs (stage order, epochs, resource requests, expected cost) and an "
                          "estimate of GPU idle time on --plan-gpus GPUs; start nothing")
     ap.add_argument("--plan-gpus", type=int, default=8, help="GPUs assumed by --dry-run's schedule estimate")
+    ap.add_argument("--costs", nargs="+", default=None, metavar="FILE",
+                    help="--dry-run: measured costs (benchmarks/bench_student.py --out, `nodekd costs`) that turn "
+                         "the plan into GPU-hours and a makespan on --plan-gpus GPUs (see nodekd_ray/costs.py)")
     return ap
 
 
@@ -70,6 +78,8 @@ def settings_from_args(args) -> Settings:
             d["epochs"] = args.epochs
     if args.width is not None:
         student["width"] = args.width
+    if getattr(args, "precision", None) is not None:
+        student["precision"] = args.precision
     if args.attack_images is not None:
         attack_images = args.attack_images
     return Settings(teacher=teacher, student=student, attack_images=attack_images, audit=dict(scale.get("audit", {})))
@@ -98,6 +108,8 @@ def apply_args(spec: SweepSpec, args) -> SweepSpec:
         kw["temperatures"] = tuple(args.temperatures)
     if args.horizons is not None:
         kw["kd_horizons"] = tuple(args.horizons)
+    if getattr(args, "attacks", None) is not None:
+        kw["attacks"] = tuple(args.attacks)
     if args.baseline_horizons is not None and spec.baseline_horizons:
         kw["baseline_horizons"] = tuple(args.baseline_horizons)
     scale = SCALES[scale_of(args)]
@@ -121,7 +133,12 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
         storage = args.storage or {"smoke": "runs/nodekd-smoke", "paper": "runs/nodekd"}.get(
             scale_of(args), f"runs/nodekd-{scale_of(args)}")
         if args.dry_run:
-            return print_plan(specs, settings, resources, storage, address=args.address, workers=args.plan_gpus)
+            costs = None
+            if args.costs:
+                from ..costs import load_costs
+                costs = load_costs(args.costs)
+            return print_plan(specs, settings, resources, storage, address=args.address, workers=args.plan_gpus,
+                              costs=costs)
         summary = run_sweep(specs, settings, storage, resources=resources, resume=args.resume,
                             address=args.address, num_cpus=args.num_cpus)
     except ConfigError as e:
@@ -168,10 +185,11 @@ def print_summary(summary: dict) -> int:
 
 
 def print_plan(specs, settings: Settings, resources: Resources, storage: str, *, address=None, workers=8,
-               out=sys.stdout) -> int:
+               out=sys.stdout, costs: dict | None = None) -> int:
     """--dry-run: the jobs in the order each stage hands them to Ray, with epochs and resource
     requests, and a list-scheduling estimate of the stages on ``workers`` GPUs against the grid
-    order with the no-KD NODEs behind the teachers. Starts nothing, writes nothing."""
+    order with the no-KD NODEs behind the teachers. With ``costs`` (costs.load_costs): each job's
+    GPU-hours, the total, and the makespan on ``workers`` GPUs. Starts nothing, writes nothing."""
     import torch
 
     from .driver import running_cluster
@@ -199,4 +217,30 @@ def print_plan(specs, settings: Settings, resources: Resources, storage: str, *,
     pr(f"estimate on {workers} GPUs (expected cost, not a measurement): GPU time idle "
        f"{100 * new['idle_fraction']:.1f}% in this order, {100 * old['idle_fraction']:.1f}% in grid order; "
        f"makespan {new['makespan'] / old['makespan']:.2f}x of grid order's")
+    if costs is not None:
+        print_gpu_hours(p, staged, settings, costs, workers, pr)
     return 0
+
+
+def print_gpu_hours(p, staged, settings, costs, workers, pr) -> None:
+    from ..costs import job_seconds
+
+    models = {j.key: j for j in p.jobs()}
+    secs, how = {}, {"measured": 0, "rate": 0}
+    for j in p.jobs():
+        secs[j.key], h = job_seconds(j, settings, costs)
+        how[h] += 1
+    att = []
+    for a in p.attacks:
+        s, h = job_seconds(a, settings, costs, models[a.model_key])
+        att.append(s)
+    per_stage = {"teachers": sum(secs[j.key] for j in staged["teachers"]),
+                 "students": sum(secs[j.key] for j in staged["students"]), "attacks": sum(att)}
+    total = sum(per_stage.values())
+    sched = list_schedule([[secs[j.key] for j in staged["teachers"]], [secs[j.key] for j in staged["students"]],
+                           sorted(att, reverse=True)], workers)
+    pr(f"cost on {costs.get('device') or 'the measured GPU'}: {total / 3600:.1f} GPU-hours "
+       f"(teachers {per_stage['teachers'] / 3600:.1f}, students {per_stage['students'] / 3600:.1f}, "
+       f"attacks {per_stage['attacks'] / 3600:.1f}); makespan on {workers} GPUs {sched['makespan'] / 3600:.1f} h")
+    pr(f"  from {how['measured']} measured seconds per epoch and {how['rate']} jobs' FLOPs at the measured rates"
+       f" (NFE: {'measured' if costs['nfe_forward'] else 'guessed'}; attacks at the rate of their model)")

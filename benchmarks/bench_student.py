@@ -1,0 +1,239 @@
+"""Claim (issue 11): on an H100 the bf16 student path trains at least 2.5x the images/s of the
+fp32 path, and reaches at least 40% of the GPU's measured bf16 matmul rate inside the ODE function.
+
+How: the width-512 NODE student (8x8 state, batch 128, t1 = 1, dopri5, rtol = atol = 1e-3) on
+random images and labels, one Adam step per iteration (forward through the solver, backward
+through it, update), for each option in one run:
+
+    fp32-concat          IEEE fp32, the time channel concatenated (513 -> 512 convs): the baseline
+    fp32                 IEEE fp32, the aligned time convolution (512 -> 512 plus t x response)
+    tf32                 TF32 convolutions (PyTorch's default for cuDNN convs on GPUs)
+    bf16                 f's convolutions under bf16 autocast; state, solver and loss in fp32
+    bf16+cl              bf16 and channels_last
+    bf16+cl+compile      bf16, channels_last and torch.compile of f's layers
+
+For each: training images/s and its ratio to the baseline, forward/backward NFE per step as
+counted by the model, FLOPs per function evaluation per image (counted from the layer shapes),
+and MFU: achieved FLOP rate over the bf16 matmul rate measured on this device in this run. MFU is
+given for the whole step ("step") and for the ODE function alone ("f": forward+backward of f on a
+fixed state, timed apart from the solver's bookkeeping). NFE differs between options only through
+rounding: a bf16 f that makes dopri5 reject steps shows here as more NFE per step.
+
+    .venv/bin/python benchmarks/bench_student.py            # on a GPU machine
+    .venv/bin/python benchmarks/bench_student.py --smoke    # width 32, batch 16, on CPU; plumbing only
+    ... --out costs.json    # also write the measured rates for `--dry-run --costs costs.json`
+
+On a CPU, TF32 does not exist (tf32 == fp32) and bf16 autocast is emulated slowly: the CPU figures
+say nothing about a GPU.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nodekd_ray.devices import describe_device
+from nodekd_ray.models import NODEConfig, NeuralODE
+
+OPTIONS = {
+    "fp32-concat": dict(precision="fp32", time_conv="concat"),
+    "fp32": dict(precision="fp32"),
+    "tf32": dict(precision="tf32"),
+    "bf16": dict(precision="bf16"),
+    "bf16+cl": dict(precision="bf16", channels_last=True),
+    "bf16+cl+compile": dict(precision="bf16", channels_last=True, compile=True),
+}
+
+
+def f_gflop(width: int, layers: int = 4, hw: int = 64, time_channel: bool = True) -> float:
+    """GFLOP of one evaluation of f per image: 2 x MACs of its 3x3 convs (norms and ReLUs left out)."""
+    return layers * 2 * 9 * (width + int(time_channel)) * width * hw / 1e9
+
+
+def stem_head_gflop(width: int, stem: int, classes: int = 10) -> float:
+    macs = 9 * 3 * stem * 32 * 32 + 16 * stem * 2 * stem * 16 * 16 + 16 * 2 * stem * width * 8 * 8 + width * classes
+    return 2 * macs / 1e9
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device, n: int, dtype=torch.bfloat16, reps: int = 10) -> float:
+    """Measured dense matmul rate in TFLOP/s (the MFU denominator)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def bench(opts: dict, args, device) -> dict:
+    torch.manual_seed(0)
+    cfg = NODEConfig(width=args.width, stem_channels=args.stem, t1=args.t1, **opts)
+    model = NeuralODE(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    f0, b0 = model.nfe_forward, model.nfe_backward
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / args.steps
+    nfe_f = (model.nfe_forward - f0) / args.steps
+    nfe_b = (model.nfe_backward - b0) / args.steps
+    gf = f_gflop(args.width)
+    step_gflop = args.batch * (gf * (nfe_f + 2 * nfe_b) + 3 * stem_head_gflop(args.width, args.stem))
+
+    # f alone: forward + backward on a fixed state, as the solver calls it
+    h = torch.randn(args.batch, args.width, 8, 8, device=device, requires_grad=True)
+    if cfg.channels_last:
+        h = h.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    t = torch.tensor(0.5, device=device)
+    for _ in range(args.warmup):
+        model.func(t, h).sum().backward()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.f_reps):
+        model.func(t, h).sum().backward()
+    sync(device)
+    f_dt = (time.perf_counter() - t0) / args.f_reps
+    return {"images_per_s": args.batch / dt, "step_s": dt, "nfe_forward": nfe_f, "nfe_backward": nfe_b,
+            "step_tflops": step_gflop / dt / 1e3, "f_tflops": 3 * gf * args.batch / f_dt / 1e3}
+
+
+def teacher_rate(args, device) -> float:
+    """Achieved training TFLOP/s of a ResNet20 (the teachers' rate for cost plans)."""
+    from nodekd_ray.models import build_model
+    from nodekd_ray.sweep import RESNET_GFLOP
+
+    torch.manual_seed(0)
+    model = build_model("resnet20").to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.rand(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / args.steps
+    return 3 * RESNET_GFLOP * 18 * args.batch / dt / 1e3
+
+
+def memory(args, device, t1: float, adjoint: bool) -> dict:
+    """Peak memory of one training step (forward through dopri5, backward) of a freshly initialised
+    student: torch.cuda.max_memory_allocated on a GPU; on a CPU the bytes autograd saves for the
+    backward pass (saved-tensor hooks), which is what grows with NFE. NFE at initialisation, not
+    after training: a trained student's NFE (in the records) scales the plain-backprop figure."""
+    torch.manual_seed(0)
+    model = NeuralODE(NODEConfig(width=args.width, stem_channels=args.stem, t1=t1, adjoint=adjoint)).to(device)
+    x = torch.rand(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    except torch.OutOfMemoryError:
+        return {"nfe_forward": model.nfe_forward, "gib": float("inf"), "what": "out of memory"}
+    if device.type == "cuda":
+        sync(device)
+        return {"nfe_forward": model.nfe_forward, "gib": (torch.cuda.max_memory_allocated(device) - base) / 2**30,
+                "what": "peak allocated"}
+    return {"nfe_forward": model.nfe_forward, "gib": sum(saved.values()) / 2**30, "what": "saved for backward"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="width 32, batch 16, 2 timed steps: runs on a CPU")
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--stem", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--t1", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=10, help="timed training steps per option")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--f-reps", type=int, default=50, help="timed forward+backward calls of f alone")
+    ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    ap.add_argument("--memory", nargs="*", type=float, default=None, metavar="T1",
+                    help="also measure one training step's memory at these horizons (default 1 100 500), plain "
+                         "backpropagation and adjoint")
+    ap.add_argument("--out", help="write the measured rates here (JSON) for --dry-run --costs")
+    args = ap.parse_args()
+    if args.smoke:
+        args.width, args.stem, args.batch, args.steps, args.warmup, args.f_reps = 32, 16, 16, 2, 1, 3
+        args.options = [o for o in args.options if "compile" not in o]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = matmul_rate(device, 8192 if device.type == "cuda" else 1024)
+    print(f"device: {describe_device(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    print(f"NODE width {args.width}, batch {args.batch}, 8x8 state, t1 {args.t1:g}, dopri5 1e-3; "
+          f"f: {f_gflop(args.width):.3f} GFLOP per evaluation per image")
+    print(f"measured bf16 matmul rate (MFU denominator): {peak:.2f} TFLOP/s")
+    rows = {}
+    for name in args.options:
+        try:
+            rows[name] = bench(OPTIONS[name], args, device)
+        except Exception as e:  # noqa: BLE001 -- e.g. torch.compile without a compiler: report, go on
+            print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    base = rows.get("fp32-concat")
+    print(f"  {'option':<17} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7}")
+    for name, r in rows.items():
+        ratio = r["images_per_s"] / base["images_per_s"] if base else float("nan")
+        print(f"  {name:<17} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
+              f"{r['step_tflops']:8.3f} {100 * r['step_tflops'] / peak:8.1f}% {100 * r['f_tflops'] / peak:6.1f}%")
+    if args.memory is not None:
+        print(f"memory of one training step at batch {args.batch} (fresh weights):")
+        for t1 in args.memory or (1.0, 100.0, 500.0):
+            for adjoint in (False, True):
+                m = memory(args, device, t1, adjoint)
+                print(f"  t1 {t1:>5g}  {'adjoint' if adjoint else 'backprop':<8}  NFE {m['nfe_forward']:>4}  "
+                      f"{m['gib']:8.3f} GiB {m['what']}")
+    t_rate = teacher_rate(args, device)
+    print(f"ResNet20 training, batch {args.batch}: {t_rate:.3f} TFLOP/s")
+    if args.out:
+        default = rows.get("tf32") or next(iter(rows.values()))
+        with open(args.out, "w") as f:
+            json.dump({"device": describe_device(device), "width": args.width, "batch": args.batch,
+                       "bf16_matmul_tflops": peak, "options": rows,
+                       "rates": {"student": default["step_tflops"], "teacher": t_rate}}, f, indent=1)
+        print(f"rates (student at tf32, the default precision) -> {args.out}: use with --dry-run --costs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

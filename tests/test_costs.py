@@ -1,0 +1,100 @@
+"""Cost planning (issue 11): measured costs files, seconds per epoch from records, GPU-hours in --dry-run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nodekd_ray.costs import costs_from_records, job_seconds, load_costs
+from nodekd_ray.errors import ConfigError
+from nodekd_ray.sweep import AttackJob, Settings, StudentJob, TeacherJob
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(tmp_path, name, obj):
+    p = tmp_path / name
+    p.write_text(json.dumps(obj))
+    return str(p)
+
+
+def test_costs_files_merge_and_bad_fields_are_one_line(tmp_path):
+    a = _write(tmp_path, "a.json", {"device": "gpu A", "rates": {"student": 100, "teacher": 20}, "nfe_forward": {"1": 26}})
+    b = _write(tmp_path, "b.json", {"rates": {"student": 150}, "seconds_per_epoch": {"k": 3.5}})
+    c = load_costs([a, b])
+    assert c["device"] == "gpu A"
+    assert c["rates"] == {"student": 150.0, "teacher": 20.0}       # the later file wins
+    assert c["nfe_forward"] == {"1.0": 26.0} and c["seconds_per_epoch"] == {"k": 3.5}
+    for bad, field in [({"rates": {"student": -1}}, "rates.student"), ({"rates": {"gpu": 1}}, "rates.gpu"),
+                       ({"nfe_forward": {"1": "x"}}, "nfe_forward.1"), ({"hours": 1}, "hours"),
+                       ({"seconds_per_epoch": {"k": float("inf")}}, "seconds_per_epoch.k")]:
+        with pytest.raises(ConfigError) as e:
+            load_costs([_write(tmp_path, "bad.json", bad)])
+        assert field in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not JSON"):
+        load_costs([str(tmp_path / "junk.json")])
+
+
+def test_seconds_per_epoch_and_nfe_come_from_finished_records():
+    recs = [
+        {"key": "a", "status": "done", "config": {"node": {"t1": 100.0}},
+         "history": [{"seconds": 99.0, "nfe_forward": 80}, {"seconds": 10.0, "nfe_forward": 50},
+                     {"seconds": 12.0, "nfe_forward": 60}, {"seconds": 11.0, "nfe_forward": 70}]},
+        {"key": "b", "status": "done", "config": {}, "history": [{"seconds": 5.0}]},
+        {"key": "c", "status": "running", "history": [{"seconds": 1.0}, {"seconds": 1.0}]},
+    ]
+    c = costs_from_records(recs)
+    assert c["seconds_per_epoch"] == {"a": 11.0, "b": 5.0}          # epoch 1 (warm-up) left out when there are more
+    assert c["nfe_forward"] == {"100.0": 60.0}
+
+
+def test_job_seconds_measured_or_from_flops_over_the_rate():
+    settings = Settings(teacher={"epochs": 4}, student={"epochs": 3, "width": 256})
+    teacher = TeacherJob("cifar10", "resnet20")
+    student = StudentJob("cifar10", 100.0, teacher="resnet20", T=10.0, lam=0.9, logits_mode="paper")
+    costs = {"rates": {"teacher": 2.0, "student": 8.0}, "nfe_forward": {"100.0": 40.0},
+             "seconds_per_epoch": {teacher.key: 7.0}}
+    assert job_seconds(teacher, settings, costs) == (28.0, "measured")
+    # independent: 3 (fwd+bwd) x 3 epochs x 50,000 images x 1.2 GFLOP x (256/512)^2 x 40 NFE, at 8 TFLOP/s
+    s, how = job_seconds(student, settings, costs)
+    assert how == "rate" and s == pytest.approx(3 * 3 * 50_000 * 1.2 * 0.25 * 40 / 8e3)
+    attack = AttackJob(student.key, "cifar10", "pgd", (0, 8))
+    s_att, _ = job_seconds(attack, Settings(attack_images=100, student={"width": 256}), costs, student)
+    assert s_att == pytest.approx(2 * 20 * 100 * 2 * 1.2 * 0.25 * 40 / 8e3)
+    with pytest.raises(ConfigError, match="rates.teacher"):
+        job_seconds(TeacherJob("svhn", "resnet20"), settings, {**costs, "rates": {"student": 8.0}})
+
+
+def test_dry_run_prints_gpu_hours_from_a_costs_file(tmp_path):
+    costs = _write(tmp_path, "c.json", {"device": "cuda TEST", "rates": {"student": 100.0, "teacher": 10.0}})
+    cmd = [sys.executable, os.path.join(ROOT, "sweeps", "table1.py"), "--dry-run", "--storage", str(tmp_path / "s"),
+           "--costs", costs, "--plan-gpus", "4"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("cost on cuda TEST"))
+    assert "GPU-hours" in line and "makespan on 4 GPUs" in line
+    total = float(line.split(": ")[1].split(" GPU-hours")[0])
+    parts = [float(line.split(f"{k} ")[1].split(",")[0].split(")")[0]) for k in ("teachers", "students", "attacks")]
+    assert total == pytest.approx(sum(parts), abs=0.15) and total > 0
+    bad = _write(tmp_path, "bad.json", {"rates": {"student": 0}})
+    r = subprocess.run(cmd[:-3] + [bad], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "rates.student" in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_nodekd_costs_writes_a_file_that_dry_run_reads(tmp_path, capsys):
+    from nodekd_ray.cli import main
+    from nodekd_ray.storage import Storage
+
+    store = Storage(str(tmp_path / "run"))
+    store.write_record("teacher-digits-resnet20-s0", {
+        "key": "teacher-digits-resnet20-s0", "status": "done", "device": "cuda TEST", "config": {},
+        "history": [{"seconds": 9.0}, {"seconds": 2.0}, {"seconds": 4.0}]})
+    out = str(tmp_path / "costs.json")
+    assert main(["costs", str(tmp_path / "run"), "--out", out]) == 0
+    c = load_costs([out])
+    assert c["device"] == "cuda TEST" and c["seconds_per_epoch"] == {"teacher-digits-resnet20-s0": 3.0}
+    assert main(["costs", str(tmp_path / "nothing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
