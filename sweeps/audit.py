@@ -6,7 +6,8 @@ from the no-KD NODE, gradients through rk4, test-time tolerances), and writes re
 one verdict per claim. Digits at --scale digits by default (minutes per model on a CPU).
 
     python sweeps/audit.py                                   # digits, 3 seeds
-    python sweeps/audit.py --scale demo --seeds 2            # what make demo runs
+    python sweeps/audit.py --scale demo --seeds 1 --horizons 1 --baseline-horizons 1 --temperatures 3 \
+        --attacks pgd mifgsm pgd-conv apgd-ce square transfer-teacher tol-1e-1   # make demo
     python sweeps/audit.py --dataset cifar10 --scale paper   # the paper's scale (GPU cluster)
     python sweeps/audit.py --smoke-test                      # plumbing only (tests)
 """

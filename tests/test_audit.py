@@ -234,3 +234,19 @@ def test_degenerate_students_are_left_out_of_the_verdicts():
     assert v["verdict"] == "inconclusive" and "0 usable pair" in v["why"]
     assert "Degenerate models" in text and "near chance" in text
     assert "(70.0)" in text     # their numbers are shown in parentheses, not as robustness
+
+
+def test_sweeps_take_an_attack_list_and_refuse_unknown_names():
+    from nodekd_ray.errors import ConfigError
+    from nodekd_ray.orchestration.entry import apply_args, settings_from_args, sweep_parser
+    from nodekd_ray.sweep import DEMO, PRESETS
+
+    ap = sweep_parser("t", default_scale="digits")
+    args = ap.parse_args(["--scale", "demo", "--attacks", "pgd", "square", "--horizons", "1", "--seeds", "1"])
+    spec = apply_args(PRESETS["audit"], args).validate()
+    assert spec.attacks == ("pgd", "square") and spec.kd_horizons == (1.0,) and spec.seeds == (0,)
+    assert spec.eps_255 == tuple(DEMO["eps_255"])
+    assert settings_from_args(args).student["crop_padding"] == 0        # the demo's students: no augmentation
+    bad = ap.parse_args(["--attacks", "pgd", "cw"])
+    with pytest.raises(ConfigError, match="attack"):
+        apply_args(PRESETS["audit"], bad).validate()
