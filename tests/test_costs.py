@@ -98,3 +98,17 @@ def test_nodekd_costs_writes_a_file_that_dry_run_reads(tmp_path, capsys):
     assert c["device"] == "cuda TEST" and c["seconds_per_epoch"] == {"teacher-digits-resnet20-s0": 3.0}
     assert main(["costs", str(tmp_path / "nothing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_bench_student_smoke_writes_a_costs_file(tmp_path):
+    """The benchmark's --out file is a costs file: its rates turn a plan into GPU-hours."""
+    out = str(tmp_path / "rates.json")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_student.py"), "--smoke",
+           "--options", "fp32-concat", "tf32", "--memory", "1", "--out", out]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "saved for backward" in r.stdout and "x base" in r.stdout
+    c = load_costs([out])
+    assert c["device"] == "cpu" and c["rates"]["student"] > 0 and c["rates"]["teacher"] > 0
+    rows = json.loads(open(out).read())["options"]
+    assert rows["tf32"]["nfe_forward"] >= 2 and rows["fp32-concat"]["images_per_s"] > 0
