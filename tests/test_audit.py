@@ -250,3 +250,23 @@ def test_sweeps_take_an_attack_list_and_refuse_unknown_names():
     bad = ap.parse_args(["--attacks", "pgd", "cw"])
     with pytest.raises(ConfigError, match="attack"):
         apply_args(PRESETS["audit"], bad).validate()
+
+
+def test_a_tolerance_that_moves_robust_accuracy_refutes_against_the_models_own_tolerance():
+    """One tol-* setting is enough: pgd-conv at the model's own rtol is the reference (Carrara et al.)."""
+    def model(key, seed, loose):
+        rows = _rows(key, "node", 1.0, seed, {"pgd-conv": {0: 0.9, 8: 0.10}, "square": {0: 0.9, 8: 0.60},
+                                              "tol-1e-1": {0: 0.9, 8: loose}})
+        for r in rows:
+            r["rtol"] = 0.1 if r["attack"] == "tol-1e-1" else 1e-3
+        return rows
+
+    v, text = _verdict(model("n-s0", 0, 0.35) + model("n-s1", 1, 0.12), "the robustness is not gradient masking")
+    assert v["verdict"] == "refuted"
+    assert "1 of 2 (model, ε) cases where the test-time solver tolerance" in v["why"]
+    assert "NODE(1) s0 at ε=8: pgd-conv accuracy 10.0% at rtol 0.001, 35.0% at rtol 0.1" in v["why"]
+    assert "| NODE(1) s0 | 0.001 | 8 | 90.0 | 10.0 |" in text       # the reference row is in the table
+    v, _ = _verdict(model("n-s0", 0, 0.15) + model("n-s1", 1, 0.12), "the robustness is not gradient masking")
+    assert v["verdict"] == "supported" and "in all 2 (model, ε) cases with a test-time tolerance sweep" in v["why"]
+    v, _ = _verdict(_study(0.0, 0.0), "the robustness is not gradient masking")
+    assert v["verdict"] == "supported" and "no test-time tolerance was compared" in v["why"]
