@@ -20,9 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 # instance: a ResNet20 teacher, NODE(1) with and without KD (T = 3), the paper's PGD and MI-FGSM
 # and five audit attacks at eps 0, 4, 8, 16/255 on 50 test images, Parquet, Tables 1-3, Figure 1,
 # audit.md and the verdicts. One seed, so the KD and horizon verdicts say "inconclusive"; `make audit`
-# runs 3 seeds. A rerun skips finished work (delete runs/demo-digits to start over).
-DEMO_ARGS := --scale demo --seeds 1 --horizons 1 --baseline-horizons 1 --temperatures 3 \
-	--attacks pgd mifgsm pgd-conv apgd-ce square transfer-teacher tol-1e-1
+# runs the 3-seed study. A rerun skips finished work (delete runs/demo-digits to start over).
+DEMO_ARGS := --scale demo --seeds 1 --attacks pgd mifgsm pgd-conv apgd-ce square transfer-teacher tol-1e-1
 demo: $(VENV)/.installed       ## the main job: a 10-minute attack audit on digits, local Ray
 	$(PY) sweeps/audit.py $(DEMO_ARGS) --storage runs/demo-digits --resume
 
@@ -31,7 +30,7 @@ DEMO_GRID := --dataset digits --smoke-test --teachers resnet20 resnet32 --temper
 smoke: $(VENV)/.installed      ## the paper's four sweeps at smoke scale (students near chance)
 	$(PY) sweeps/paper.py $(DEMO_GRID) --storage runs/demo --resume
 
-audit: $(VENV)/.installed      ## the attack audit on digits: 3 seeds at --scale digits (hours on 2 CPU cores)
+audit: $(VENV)/.installed      ## the digits study through the audit: 3 seeds, every audit attack (~50 min on 2 cores)
 	$(PY) sweeps/audit.py --storage runs/digits-audit --resume
 
 study: $(VENV)/.installed      ## the digits study without Ray (3 seeds, ~17 min)

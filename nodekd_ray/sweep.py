@@ -59,32 +59,39 @@ SMOKE = {
     "audit": {"steps": 5, "long_steps": 10, "restarts": 2, "apgd_steps": 5, "square_queries": 20, "rk4_steps": 4},
 }
 
-# --scale digits (the audit's default): students that learn on digits on a 2-core CPU. Not the
-# paper's scale: width 32 (stem 16) instead of 512, 10 student epochs, batch 32 (digits has 1437
-# training images), and Adam for every student: under the paper's rule (SGD at lr 0.001 for a KD
-# student at t1 = 1) a digits student barely leaves chance in 10 epochs (README, "Digits study").
-# The audit attacks run at reduced strength to fit the CPU (AuditConfig's defaults are the full ones).
-DIGITS = {
-    "teacher": {"epochs": 15, "batch_size": 32},
-    "student": {"epochs": 10, "batch_size": 32, "width": 32, "stem_channels": 16, "optimizer": "adam"},
-    "attack_images": 200,
-    "eps_255": (0, 2, 4, 8, 16),
-    "audit": {"steps": 20, "long_steps": 100, "restarts": 3, "apgd_steps": 50, "square_queries": 300, "rk4_steps": 8},
-}
-# --scale demo (make demo): the digits recipe cut to fit about 10 minutes on 2 CPU cores with one
-# seed. Two choices differ from --scale digits, each measured (README, "make demo"):
-#  * students keep their initial lr to 3/4 of their 8 epochs: digits NODEs leave chance only after
-#    ~150 steps (3 epochs of 45), and the paper's drop at 1/2 would cut their lr as they start;
+# --scale digits (the audit's default): the 3-seed digits study (README, "The digits study"), about
+# 50 min on 2 CPU cores. Not the paper's scale, each choice measured on digits (README):
+#  * students of width 32 (stem 16) instead of 512, batch 32 (digits has 1437 training images), Adam:
+#    under the paper's rule (SGD at lr 0.001 for a KD student at t1 = 1) a digits student barely
+#    leaves chance in 10 epochs;
+#  * 15 student epochs, lr kept to 3/4 of them: digits NODEs leave chance only after ~150 steps
+#    (3 epochs of 45), and the paper's drop at 1/2 would cut their lr as they start;
 #  * students train without augmentation (crop_padding 0): the paper's teacher logits are those of
 #    the clean image, and a KD student trained on crops of it learned far slower (43% vs 82% clean
-#    after 8 epochs, T = 10, same seed).
-DEMO = {
-    "teacher": {"epochs": 5, "batch_size": 32},
-    "student": {"epochs": 8, "batch_size": 32, "width": 32, "stem_channels": 16, "optimizer": "adam",
+#    after 8 epochs, T = 10, same seed);
+#  * the audit's grid (grid["audit"]): T = 3 (T = 10 students learned far slower: 76-82% vs 91% clean
+#    after 8 epochs) and horizons 1 and 10: NODE(100) with raw t stays near chance at this width
+#    and schedule (10-29% after 3 epochs), NODE(10) learns;
+#  * 100 attacked images, eps 0, 4, 8, 16/255, and the audit attacks at reduced strength
+#    (AuditConfig's defaults are the full ones).
+DIGITS = {
+    "teacher": {"epochs": 15, "batch_size": 32},
+    "student": {"epochs": 15, "batch_size": 32, "width": 32, "stem_channels": 16, "optimizer": "adam",
                 "lr_milestones": (0.75, 0.9), "crop_padding": 0},
-    "attack_images": 50,
+    "attack_images": 100,
     "eps_255": (0, 4, 8, 16),
     "audit": {"steps": 10, "long_steps": 40, "restarts": 2, "apgd_steps": 20, "square_queries": 100, "rk4_steps": 6},
+    "grid": {"audit": {"temperatures": (3.0,), "kd_horizons": (1.0, 10.0), "baseline_horizons": (1.0, 10.0)}},
+}
+# --scale demo (make demo): --scale digits cut to fit about 10 minutes on 2 CPU cores with one seed:
+# a 5-epoch teacher, 8 student epochs, 50 attacked images.
+DEMO = {
+    "teacher": {"epochs": 5, "batch_size": 32},
+    "student": {**DIGITS["student"], "epochs": 8},
+    "attack_images": 50,
+    "eps_255": DIGITS["eps_255"],
+    "audit": DIGITS["audit"],
+    "grid": {"audit": {"temperatures": (3.0,), "kd_horizons": (1.0,), "baseline_horizons": (1.0,)}},
 }
 SCALES = {"paper": {}, "digits": DIGITS, "demo": DEMO, "smoke": SMOKE}
 
@@ -877,7 +884,8 @@ PRESETS = {
     "figure1": SweepSpec("figure1", kd_teachers=("resnet44",), temperatures=(10.0,), kd_horizons=(1.0, 100.0),
                          baseline_horizons=(1.0, 100.0), attacks=SWEEP_ATTACKS),
     # The attack audit (sweeps/audit.py): Figure 1's four NODEs and their teacher, three seeds, under
-    # the paper's attacks and every audit attack. Digits by default (--scale digits).
+    # the paper's attacks and every audit attack. Digits by default (--scale digits), whose grid
+    # (DIGITS["grid"]) replaces T and the horizons with ones a width-32 digits student learns at.
     "audit": SweepSpec("audit", datasets=("digits",), kd_teachers=("resnet20",), temperatures=(10.0,),
                        kd_horizons=(1.0, 100.0), baseline_horizons=(1.0, 100.0), seeds=(0, 1, 2),
                        attacks=SWEEP_ATTACKS + AUDIT_ATTACKS),

@@ -96,6 +96,10 @@ def scale_of(args) -> str:
 
 
 def apply_args(spec: SweepSpec, args) -> SweepSpec:
+    """The sweep's spec with the scale's grid for this sweep (SCALES[...]["grid"][spec.name], e.g. the
+    digits audit's T and horizons), then the command line's overrides."""
+    scale = SCALES[scale_of(args)]
+    spec = dataclasses.replace(spec, **scale.get("grid", {}).get(spec.name, {}))
     kw = dict(datasets=tuple(args.dataset) if args.dataset else spec.datasets,
               seeds=tuple(range(args.seeds)) if args.seeds is not None else spec.seeds,
               lam=args.lam, logits_mode=args.logits_mode)
@@ -112,7 +116,6 @@ def apply_args(spec: SweepSpec, args) -> SweepSpec:
         kw["attacks"] = tuple(args.attacks)
     if args.baseline_horizons is not None and spec.baseline_horizons:
         kw["baseline_horizons"] = tuple(args.baseline_horizons)
-    scale = SCALES[scale_of(args)]
     if "eps_255" in scale:
         kw["eps_255"] = tuple(scale["eps_255"])
     return dataclasses.replace(spec, **kw)
