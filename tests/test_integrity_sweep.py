@@ -103,7 +103,11 @@ def test_ctrl_c_while_starting_is_one_line_and_releases_the_lock(tmp_path):
 
     store = tmp_path / "store"
     p = sweep("table1.py", store, wait=False)
-    time.sleep(8)   # importing torch, or starting the local Ray instance
+    # once the sweep holds its lock it is starting the local Ray instance (a fixed sleep landed in the
+    # teachers' Tune stage on a fast machine: a different path)
+    deadline = time.time() + 120
+    while not (store / "lock.json").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 130, out[-3000:]

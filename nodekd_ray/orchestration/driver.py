@@ -518,6 +518,12 @@ def _fit(tuner, name, jobs, storage, log) -> set[str]:
     if full:
         raise StorageFull(f"storage: {NO_SPACE} in {storage.name} ({len(full)} trial(s) failed writing, e.g. "
                           f"{full[0]}); free space, then rerun with --resume to continue")
+    # a Ctrl-C that lands while trials run can end one with SystemExit (its worker is told to exit)
+    # before Tune stops: that trial was stopped by the user, not failed, and the sweep must not go on
+    exited = [k for k, e in errors.items() if "SystemExit" in str(e)]
+    if exited:
+        raise SweepInterrupted(f"{name}: interrupted with {len(exited)} trial(s) unfinished; "
+                               "rerun with --resume to continue")
     finished = _terminated(results)
     stopped = [j.key for j in jobs if not storage.done(j) and j.key not in errors and j.key not in finished]
     if stopped:  # Tune returns from fit() on Ctrl-C, with its state saved
