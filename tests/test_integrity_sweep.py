@@ -116,3 +116,28 @@ def test_ctrl_c_while_starting_is_one_line_and_releases_the_lock(tmp_path):
         "table1.py: interrupted; finished trials and files are kept: rerun with --resume"), out[-3000:]
     assert "Traceback" not in out
     assert not (store / "lock.json").exists()
+
+
+def test_ctrl_c_while_teachers_train_stops_the_sweep_before_any_student(tmp_path):
+    """A Ctrl-C during the teachers' Tune stage ends the sweep there with exit 130, whatever error
+    Tune hands back for the teacher it stopped: no student starts, the lock is released."""
+    import signal
+
+    store = tmp_path / "store"
+    st = S.Storage(str(store))
+    p = sweep("table2.py", store, "--epochs", "200", "--temperatures", "3", wait=False)
+    deadline = time.time() + 300
+    while p.poll() is None and time.time() < deadline:
+        if (st.read_record("teacher-digits-resnet20-s0") or {}).get("status") == "running":
+            break
+        time.sleep(0.2)
+    time.sleep(2)  # inside the teacher's epochs
+    assert p.poll() is None, p.communicate()[0][-3000:]
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 130, out[-3000:]
+    assert "table2-teachers: interrupted with 1 trial(s) unfinished" in out.strip().splitlines()[-1], out[-3000:]
+    assert "Traceback" not in out
+    assert [r["kind"] for r in st.records()] == ["teacher"]
+    assert st.read_record("teacher-digits-resnet20-s0")["status"] != "done"
+    assert not (store / "lock.json").exists()

@@ -246,3 +246,32 @@ def test_dry_run_plans_longest_first_and_starts_nothing(tmp_path):
     assert students.count(" epochs ") == 65 and students.splitlines()[1].split()[0] == "node-cifar10-t500-s0"   # not last
     assert "node-svhn-t500" not in out                                      # Table 3 is CIFAR10 only
     assert "GPU time idle" in out
+
+
+def test_sigint_watch_sees_a_ctrl_c_that_tunes_handler_swallowed_and_restores_the_handler(monkeypatch):
+    """Tune's own SIGINT handler (the one fit() installs) stops the experiment and returns normally:
+    the watch is how the driver knows the stage was interrupted rather than failed."""
+    from ray.tune.tune import _setup_signal_catching
+
+    from nodekd_ray.orchestration.driver import SigintWatch
+
+    before = signal.getsignal(signal.SIGINT)
+    with SigintWatch() as watch:  # a fit() without Ctrl-C leaves Tune's handler installed
+        finished = _setup_signal_catching()
+    assert not watch.seen and not finished.is_set()
+    assert signal.getsignal(signal.SIGINT) is before
+
+    with SigintWatch() as watch:  # a fit() that Tune ended on Ctrl-C
+        interrupted = _setup_signal_catching()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+    assert interrupted.is_set() and watch.seen
+    assert signal.getsignal(signal.SIGINT) is before
+
+    monkeypatch.setenv("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Tune catches nothing: Python's default
+    with pytest.raises(KeyboardInterrupt):
+        with SigintWatch() as watch:
+            _setup_signal_catching()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+    assert watch.seen and signal.getsignal(signal.SIGINT) is before

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -512,28 +514,75 @@ def _fit(tuner, name, jobs, storage, log) -> set[str]:
     A job that Tune finished but whose output is missing or damaged (a deleted or truncated model
     file, a damaged record) is not 'interrupted': the caller redoes it in a new experiment.
     """
-    results = tuner.fit()
+    with SigintWatch() as ctrl_c:
+        results = tuner.fit()
     errors = {r.config["job"]["key"]: r.error for r in results if r.error is not None and r.config}
     full = [k for k, e in errors.items() if is_no_space(e)]
     if full:
         raise StorageFull(f"storage: {NO_SPACE} in {storage.name} ({len(full)} trial(s) failed writing, e.g. "
                           f"{full[0]}); free space, then rerun with --resume to continue")
-    # a Ctrl-C that lands while trials run can end one with SystemExit (its worker is told to exit)
-    # before Tune stops: that trial was stopped by the user, not failed, and the sweep must not go on
-    exited = [k for k, e in errors.items() if "SystemExit" in str(e)]
-    if exited:
-        raise SweepInterrupted(f"{name}: interrupted with {len(exited)} trial(s) unfinished; "
+    if ctrl_c.seen:
+        # Tune returns from fit() on Ctrl-C with its state saved; a trial it was running may come
+        # back as an error of any kind (SystemExit, a dead actor) or even with status TERMINATED
+        # (its cleanup stops it): stopped by the user, not failed or finished, and the sweep must
+        # not go on to the next stage
+        unfinished = [j.key for j in jobs if not storage.done(j)]
+        raise SweepInterrupted(f"{name}: interrupted with {len(unfinished)} trial(s) unfinished; "
                                "rerun with --resume to continue")
+    # without the watch's evidence (Tune's handler disabled): a trial ended by SystemExit, or
+    # one neither finished nor errored, was stopped by a Ctrl-C
     finished = _terminated(results)
+    exited = [k for k, e in errors.items() if "SystemExit" in str(e)]
     stopped = [j.key for j in jobs if not storage.done(j) and j.key not in errors and j.key not in finished]
-    if stopped:  # Tune returns from fit() on Ctrl-C, with its state saved
-        raise SweepInterrupted(f"{name}: interrupted with {len(stopped)} trial(s) unfinished; "
+    if exited or stopped:
+        raise SweepInterrupted(f"{name}: interrupted with {len(exited) + len(stopped)} trial(s) unfinished; "
                                "rerun with --resume to continue")
     redo = [j.key for j in jobs if j.key in finished and not storage.done(j)]
     if redo:
         log(f"{name}: {len(redo)} trial(s) finished before but their results are missing or damaged; redoing them")
     log(f"{name}: {len(results) - len(errors) - len(redo)} trials finished, {len(errors)} failed")
     return set(errors)
+
+
+class SigintWatch:
+    """Tells whether a Ctrl-C (SIGINT) arrived during ``tuner.fit()``, and leaves the SIGINT handler
+    as it found it.
+
+    Tune's fit() installs its own SIGINT handler (ray/tune/tune.py, _setup_signal_catching): on the
+    first SIGINT it stops the experiment, saves its state, puts the handler it found back, and
+    returns normally; the trials it was running can come back as errors of any kind, so the
+    results alone cannot tell an interrupted stage from a failed trial. When no SIGINT arrives,
+    Tune leaves its handler installed after fit(), and a Ctrl-C in a later stage (the attacks)
+    would only set the finished experiment's flag. This watch installs a handler of its own before
+    fit(): if Tune put it back, a SIGINT arrived. Where Tune installs none (not the main thread,
+    TUNE_DISABLE_SIGINT_HANDLER=1), the watch's handler is called itself and raises
+    KeyboardInterrupt, Python's default.
+    """
+
+    def __init__(self):
+        self.seen = False
+        self._main = threading.current_thread() is threading.main_thread()
+        self._tune_catches = self._main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+        self._before = None
+        self._handler = self._on_sigint  # one object, compared by identity in __exit__
+
+    def _on_sigint(self, sig, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if self._main:
+            self._before = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._main:
+            if self._tune_catches and signal.getsignal(signal.SIGINT) is self._handler:
+                self.seen = True
+            before = self._before if self._before is not None else signal.default_int_handler
+            signal.signal(signal.SIGINT, before)  # None: a handler not set from Python
+        return False
 
 
 def _terminated(results) -> set[str]:
