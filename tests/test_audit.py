@@ -193,13 +193,16 @@ def _rows(key, kind, t1, seed, accs, clean=0.9, top=0.12, teacher=None, T=None):
     return out
 
 
-def _study(kd_gain, horizon_gain, masked=False, seeds=3, degenerate_kd=False):
+def _study(kd_gain, horizon_gain, masked=False, seeds=3, degenerate_kd=False, kd_gain_long=None, kd_spread=0.0):
+    """kd_gain_long: KD's gain at t1 = 100 where it differs from kd_gain (at t1 = 1); kd_spread:
+    seed s adds kd_spread * s² to KD's gain."""
     rows = []
     for s in range(seeds):
         noise = 0.01 * s
         for kd in (False, True):
             for t1 in (1.0, 100.0):
-                base = 0.40 + noise + (kd_gain if kd else 0) + (horizon_gain if t1 == 100.0 else 0)
+                gain = kd_gain if kd_gain_long is None or t1 == 1.0 else kd_gain_long
+                base = 0.40 + noise + (gain + kd_spread * s * s if kd else 0) + (horizon_gain if t1 == 100.0 else 0)
                 accs = {"pgd": {0: 0.9, 8: base + 0.2}, "pgd-long": {0: 0.9, 8: base},
                         "square": {0: 0.9, 8: base - (0.2 if masked else -0.05)}}
                 key = f"{'kd' if kd else 'node'}-t{t1:g}-s{s}"
@@ -228,6 +231,28 @@ def test_verdicts_follow_the_numbers():
     # the paper's attacks overstate by 20 points in these rows: the gap column and the summary say so
     assert "| 8 | 60.0 | 40.0 | pgd-long | 20.0 |" in text.replace("s0 | 90.0", "s0 | 90.0")
     assert "overstate NODE robustness by 20.0 points" in v["why"]
+
+
+def test_a_pooled_verdict_lists_groups_that_go_opposite_ways():
+    """KD +5 points at t1 = 1 and -10 at t1 = 100: the pooled mean hides both; the split shows them
+    (the 3-seed digits study came out this way)."""
+    v, text = _verdict(_study(0.05, 0.0, kd_gain_long=-0.10, kd_spread=0.01), "KD improves robustness")
+    assert v["verdict"] == "inconclusive"
+    parts = {p["group"]: p for p in v["parts"]}
+    assert list(parts) == ["t1=1", "t1=100"]
+    assert parts["t1=1"]["verdict"] == "supported" and parts["t1=1"]["mean"] == pytest.approx(5 + 5 / 3)
+    assert parts["t1=100"]["verdict"] == "refuted" and parts["t1=100"]["n"] == 3
+    assert "by horizon: t1=1: +6.7 ± " in text and "(3 pairs, supported), t1=100: -8.3 ± " in text
+    # the horizon split: without KD the longer horizon gains 0, with KD it loses 15 points
+    h = _verdict(_study(0.05, 0.0, kd_gain_long=-0.10, kd_spread=0.01), "a longer horizon improves robustness")[0]
+    parts = {p["group"]: p for p in h["parts"]}
+    assert list(parts) == ["without KD", "KD resnet20 T=10"]
+    assert parts["without KD"]["mean"] == pytest.approx(0) and parts["KD resnet20 T=10"]["mean"] == pytest.approx(-15)
+    assert parts["KD resnet20 T=10"]["verdict"] == "refuted"
+    # one horizon: no split
+    one = [r for r in _study(0.05, 0.0, kd_gain_long=-0.10) if r["t1"] == 1.0]
+    v = _verdict(one, "KD improves robustness")[0]
+    assert v["verdict"] == "supported" and "parts" not in v and "by horizon" not in v["why"]
 
 
 def test_degenerate_students_are_left_out_of_the_verdicts():
