@@ -30,7 +30,7 @@ DEMO_GRID := --dataset digits --smoke-test --teachers resnet20 resnet32 --temper
 smoke: $(VENV)/.installed      ## the paper's four sweeps at smoke scale (students near chance)
 	$(PY) sweeps/paper.py $(DEMO_GRID) --storage runs/demo --resume
 
-audit: $(VENV)/.installed      ## the digits study through the audit: 3 seeds, every audit attack (~50 min on 2 cores)
+audit: $(VENV)/.installed      ## the digits study through the audit: 3 seeds, every audit attack (~55 min on 2 cores)
 	$(PY) sweeps/audit.py --storage runs/digits-audit --resume
 
 study: $(VENV)/.installed      ## the digits study without Ray (3 seeds, ~17 min)

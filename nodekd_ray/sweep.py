@@ -60,7 +60,7 @@ SMOKE = {
 }
 
 # --scale digits (the audit's default): the 3-seed digits study (README, "The digits study"), about
-# 50 min on 2 CPU cores. Not the paper's scale, each choice measured on digits (README):
+# 55 min on 2 CPU cores. Not the paper's scale, each choice measured on digits (README):
 #  * students of width 32 (stem 16) instead of 512, batch 32 (digits has 1437 training images), Adam:
 #    under the paper's rule (SGD at lr 0.001 for a KD student at t1 = 1) a digits student barely
 #    leaves chance in 10 epochs;
