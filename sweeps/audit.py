@@ -3,12 +3,12 @@ adaptive solver (gradient masking)? Trains a ResNet20 teacher and NODE students 
 for 3 seeds, attacks them with the paper's PGD and MI-FGSM and with every audit attack (PGD to
 convergence and with restarts, APGD-CE/DLR, Square, transfer from the teacher and from the no-KD
 NODE, gradients through rk4, test-time tolerances), and writes report/audit.md with one verdict per
-claim. Digits at --scale digits by default: T = 3, horizons 1 and 10, about 50 min on 2 CPU cores
+claim. Digits at --scale digits by default: T = 3, horizons 1 and 10, about 55 min on 2 CPU cores
 (the paper's T = 10 and horizons 1 and 100 at --scale paper; see nodekd_ray/sweep.py, DIGITS).
 
     python sweeps/audit.py --storage runs/digits-audit       # the digits study: 3 seeds (make audit)
     python sweeps/audit.py --scale demo --seeds 1 --attacks pgd mifgsm pgd-conv apgd-ce square \
-        transfer-teacher tol-1e-1                            # make demo: one seed, NODE(1), 10 min
+        transfer-teacher tol-1e-1                            # make demo: one seed, NODE(1), 2.5-10 min
     python sweeps/audit.py --dataset cifar10 --scale paper   # the paper's scale (GPU cluster)
     python sweeps/audit.py --smoke-test                      # plumbing only (tests)
 """
