@@ -30,7 +30,6 @@ mean +- 2 standard errors (n pairs):
 from __future__ import annotations
 
 import math
-import re
 import statistics
 
 PAPER = ("pgd", "mifgsm")
@@ -125,25 +124,19 @@ def _fmt(x, nd=1):
 
 
 def _paired_verdict(claim, pairs, what, groups=None, by="") -> dict:
-    """pairs: [(seed, difference)]; groups: a label per pair (e.g. its horizon). With more than one
-    group, the same rule is applied to each group too and the result lists them after the pooled
-    verdict ("parts"): a pooled mean can hide two groups that go opposite ways."""
+    """pairs: [(seed, difference)]; groups: a (sort key, label) per pair (e.g. its horizon). With
+    more than one group, the same rule is applied to each group too and the result lists them after
+    the pooled verdict ("parts"): a pooled mean can hide two groups that go opposite ways."""
     out = _pooled_verdict(claim, pairs, what)
     if groups and len(set(groups)) > 1:
         out["parts"] = []
-        for g in sorted(set(groups), key=_natural):
+        for g in sorted(set(groups)):
             sub = _pooled_verdict(claim, [p for p, gg in zip(pairs, groups) if gg == g], what)
-            out["parts"].append({"group": g, **{k: sub[k] for k in ("verdict", "mean", "se", "n") if k in sub}})
+            out["parts"].append({"group": g[1], **{k: sub[k] for k in ("verdict", "mean", "se", "n") if k in sub}})
         out["why"] += f"; by {by}: " + ", ".join(
             f"{p['group']}: {p['mean']:+.1f} ± {2 * p['se']:.1f} ({p['n']} pairs, {p['verdict']})" if "mean" in p
             else f"{p['group']}: too few seeds" for p in out["parts"])
     return out
-
-
-def _natural(label: str):
-    """Sort key: "without KD" first, numbers in a label by value (t1=10 after t1=2)."""
-    return (label != "without KD", [(0, float(x), "") if re.fullmatch(r"\d+(\.\d*)?", x) else (1, 0.0, x)
-                                    for x in re.split(r"(\d+(?:\.\d*)?)", label) if x])
 
 
 def _pooled_verdict(claim, pairs, what) -> dict:
@@ -169,7 +162,7 @@ def verdicts(models: dict, flags: dict) -> list[dict]:
     kd = [m for m in nodes if m.info["kind"] == "node_kd" and (m.info["dataset"], m.info["t1"], m.info["seed"]) in base]
     diffs = [(m.info["seed"], m.score() - base[(m.info["dataset"], m.info["t1"], m.info["seed"])].score()) for m in kd]
     out.append(_paired_verdict("KD improves robustness", diffs, "KD student minus no-KD NODE",
-                               groups=[f"t1={m.info['t1']:g}" for m in kd], by="horizon"))
+                               groups=[(m.info["t1"], f"t1={m.info['t1']:g}") for m in kd], by="horizon"))
     # horizon
     groups = {}
     for m in nodes:
@@ -181,8 +174,10 @@ def verdicts(models: dict, flags: dict) -> list[dict]:
             short = g[min(g)]
             longer = [t for t in g if t != min(g)]
             diffs += [(short.info["seed"], g[t].score() - short.score()) for t in longer]
-            kinds += ["without KD" if short.info["kind"] == "node" else
-                      f"KD {short.info.get('teacher')} T={short.info.get('T'):g}" for _ in longer]
+            i = short.info
+            kind = ((0, "", 0.0), "without KD") if i["kind"] == "node" else (
+                (1, i.get("teacher") or "", i.get("T") or 0.0), f"KD {i.get('teacher')} T={i.get('T'):g}")
+            kinds += [kind] * len(longer)
     out.append(_paired_verdict("a longer horizon improves robustness", diffs, "longer minus shortest horizon",
                                groups=kinds, by="student"))
     # gradient masking

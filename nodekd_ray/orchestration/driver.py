@@ -529,8 +529,8 @@ def _fit(tuner, name, jobs, storage, log) -> set[str]:
         unfinished = [j.key for j in jobs if not storage.done(j)]
         raise SweepInterrupted(f"{name}: interrupted with {len(unfinished)} trial(s) unfinished; "
                                "rerun with --resume to continue")
-    # without the watch's evidence (Tune's handler disabled): a trial ended by SystemExit, or
-    # one neither finished nor errored, was stopped by a Ctrl-C
+    # without the watch's evidence (Tune also stops on SIGUSR1, which the watch does not see): a
+    # trial ended by SystemExit, or one neither finished nor errored, was stopped, not failed
     finished = _terminated(results)
     exited = [k for k, e in errors.items() if "SystemExit" in str(e)]
     stopped = [j.key for j in jobs if not storage.done(j) and j.key not in errors and j.key not in finished]
