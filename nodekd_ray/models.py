@@ -131,7 +131,16 @@ class _CountBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.counter.nfe_backward += 1
+        f = ctx.counter
+        f.nfe_backward += 1
+        if grad.is_cuda and f.precision != "bf16":
+            # The backward pass runs after forward's scoped setting is gone, so f's conv backward
+            # would run at cuDNN's process default (TF32) even for precision "fp32". This is the
+            # first step of backpropagating through this evaluation of f: its conv backward ops
+            # follow, and run in f's arithmetic. The setting stays until the next evaluation of f
+            # (forward or backward) sets it again: a process training an fp32 student runs its
+            # stem's backward in IEEE fp32 too.
+            torch.backends.cudnn.conv.fp32_precision = "tf32" if f.precision == "tf32" else "ieee"
         return grad, None
 
 
@@ -147,41 +156,97 @@ class ODEFunc(nn.Module):
                  time_conv: str = "aligned", precision: str = "tf32", compile: bool = False):
         super().__init__()
         self.time_input, self.t1, self.time_conv, self.precision = time_input, t1, time_conv, precision
-        self._layers_fn = torch.compile(self._layers) if compile else self._layers
+        # compile: each layer (GroupNorm, ReLU, conv, time term) through torch.compile, which fuses
+        # the norm, the ReLU and the dtype casts around the conv (cuDNN's) into a few kernels; one
+        # compiled function serves every layer. The solve's weight cache stays outside it.
+        self._layer_fn = torch.compile(_layer, dynamic=False) if compile else _layer
         extra = 0 if time_input == "none" else 1
         self.norms = nn.ModuleList(_gn(width) for _ in range(layers))
         self.convs = nn.ModuleList(nn.Conv2d(width + extra, width, 3, 1, 1) for _ in range(layers))
         self.norm_out = _gn(width)
         self.nfe = 0
         self.nfe_backward = 0
+        self._solve_cache = None   # dict while a solve runs (see solving())
 
     def forward(self, t, h):  # h: (B, width, 8, 8), fp32: the solver's state and error control stay fp32
         self.nfe += 1
         if self.precision == "bf16":
             with torch.autocast(h.device.type, dtype=torch.bfloat16):
-                z = self._layers_fn(t, h)
+                z = self._layers(t, h)
             z = z.float()
         elif h.is_cuda:
             with _cudnn_conv_precision("tf32" if self.precision == "tf32" else "ieee"):
-                z = self._layers_fn(t, h)
+                z = self._layers(t, h)
         else:
-            z = self._layers_fn(t, h)
+            z = self._layers(t, h)
         out = self.norm_out(z)
         return _CountBackward.apply(out, self) if torch.is_grad_enabled() else out
+
+    @contextlib.contextmanager
+    def solving(self):
+        """One solve's evaluations share each conv's prepared weights (see _aligned_weights): the
+        weights do not change during a solve, so the slice, the layout and dtype copies and the
+        time response are made once per solve instead of once per evaluation; gradients reach
+        the parameters through them all the same. Not with the adjoint method, whose backward
+        solve evaluates f again and differentiates it with respect to the parameters themselves."""
+        self._solve_cache = {}
+        try:
+            yield
+        finally:
+            self._solve_cache = None
 
     def _layers(self, t, h):
         if self.time_input != "none":
             tv = t / self.t1 if self.time_input == "scaled" else t
             tt = tv.to(h.dtype).expand(h.shape[0], 1, h.shape[2], h.shape[3])
-        for norm, conv in zip(self.norms, self.convs):
-            h = F.relu(norm(h))
+        for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
+            gn = (norm.num_groups, norm.weight, norm.bias, norm.eps)
             if self.time_input == "none":
-                h = conv(h)
+                h = self._layer_fn(h, gn, conv.weight, conv.bias, None, None, None)
             elif self.time_conv == "concat":
-                h = conv(torch.cat([h, tt], dim=1))
+                h = self._layer_fn(h, gn, conv.weight, conv.bias, tt, None, None)
             else:
-                h = _time_conv(conv, h, tv)
+                w, response = self._aligned_weights(i, conv, h)
+                h = self._layer_fn(h, gn, w, conv.bias, None, tv, response)
         return h
+
+    def _aligned_weights(self, i: int, conv: nn.Conv2d, h: torch.Tensor):
+        """The time channel without breaking alignment: conv(cat([h, t * 1])) is conv over h's width
+        channels (a shape GPU matrix units handle well: 512 -> 512, not 513 -> 512) plus t times the
+        kernel's response to a constant channel of ones. The response is computed with the same
+        zero padding, so border pixels, which see fewer ones, are exact too. By linearity this is the
+        concatenation form (tests/test_models.py compares them). The weight keeps its (width,
+        width + 1, 3, 3) shape, so checkpoints are the same either way.
+
+        Returns conv's weight over h's channels (contiguous, in h's memory format and in the dtype
+        the conv runs in) and the response; cached for the solve in progress (solving())."""
+        key = (i, h.shape[2], h.shape[3], torch.get_autocast_dtype(h.device.type)
+               if torch.is_autocast_enabled(h.device.type) else h.dtype, torch.is_grad_enabled())
+        cache = self._solve_cache
+        if cache is not None and key in cache:
+            return cache[key]
+        c = h.shape[1]
+        w = conv.weight
+        dtype = key[3]
+        fmt = torch.channels_last if h.is_contiguous(memory_format=torch.channels_last) and c > 1 \
+            else torch.contiguous_format
+        main = w[:, :c].to(dtype).contiguous(memory_format=fmt)
+        ones = torch.ones(1, 1, h.shape[2], h.shape[3], dtype=dtype, device=h.device)
+        response = F.conv2d(ones, w[:, c:].to(dtype), None, conv.stride, conv.padding)   # (1, width, H, W)
+        if cache is not None:
+            cache[key] = (main, response)
+        return main, response
+
+
+def _layer(h, gn, w, bias, tt, tv, response):
+    """One layer of f: conv3x3(relu(groupnorm(h))), the time channel concatenated (tt) or added as
+    t times the conv's response to it (tv, response; see ODEFunc._aligned_weights)."""
+    groups, gamma, beta, eps = gn
+    h = F.relu(F.group_norm(h, groups, gamma, beta, eps))
+    if tt is not None:
+        h = torch.cat([h, tt], dim=1)
+    out = F.conv2d(h, w, bias, 1, 1)
+    return out if response is None else out + tv.to(h.dtype) * response
 
 
 @contextlib.contextmanager
@@ -195,21 +260,6 @@ def _cudnn_conv_precision(mode: str):
         yield
     finally:
         conv.fp32_precision = before
-
-
-def _time_conv(conv: nn.Conv2d, h: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
-    """conv(cat([h, t * 1])) without the concatenation: conv over h's width channels (a shape GPU
-    matrix units handle well: 512 -> 512, not 513 -> 512) plus t times the kernel's response to a
-    constant channel of ones. The response is computed with the same zero padding, so border
-    pixels, which see fewer ones, are exact too. By linearity this is the concatenation form
-    (tests/test_models.py compares them). The weight keeps its (width, width + 1, 3, 3) shape, so
-    checkpoints are the same either way."""
-    w = conv.weight
-    c = h.shape[1]
-    out = F.conv2d(h, w[:, :c], conv.bias, conv.stride, conv.padding)
-    ones = torch.ones(1, 1, h.shape[2], h.shape[3], dtype=h.dtype, device=h.device)
-    response = F.conv2d(ones, w[:, c:], None, conv.stride, conv.padding)   # (1, width, H, W)
-    return out + tv.to(h.dtype) * response
 
 
 class ODESolveError(RuntimeError):
@@ -292,9 +342,11 @@ class NeuralODE(nn.Module):
             options = {"max_num_steps": cfg.max_num_steps}
         solve = odeint_adjoint if cfg.adjoint else odeint
         kwargs = dict(adjoint_params=tuple(self.func.parameters())) if cfg.adjoint else {}
+        shared = contextlib.nullcontext() if cfg.adjoint else self.func.solving()
         try:
-            h = solve(self.func, h0, self.t_span, rtol=cfg.rtol, atol=cfg.atol,
-                      method=cfg.solver, options=options, **kwargs)[-1]
+            with shared:
+                h = solve(self.func, h0, self.t_span, rtol=cfg.rtol, atol=cfg.atol,
+                          method=cfg.solver, options=options, **kwargs)[-1]
         except AssertionError as e:  # torchdiffeq signals underflow / step limit by assert
             raise ODESolveError(f"{cfg.solver} failed over [0, {cfg.t1:g}]: {e}") from None
         if not torch.isfinite(h).all():
@@ -302,6 +354,12 @@ class NeuralODE(nn.Module):
         return h
 
     def forward(self, x):  # x: (B, C, 32, 32) in [0, 1]
+        if x.is_cuda and self.cfg.precision != "bf16":   # the stem's and head's convs in the same arithmetic as f's
+            with _cudnn_conv_precision("tf32" if self.cfg.precision == "tf32" else "ieee"):
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x):
         h = self.stem(self.normalize(x))          # (B, width, 8, 8)
         if self.cfg.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)

@@ -166,6 +166,36 @@ def test_aligned_time_conv_is_the_concatenation(time_input):
     assert not torch.allclose(resp[..., 0, 0], resp[..., 4, 4])
 
 
+def test_a_solve_prepares_each_convs_weights_once_and_backpropagates_through_them(monkeypatch):
+    """Within one solve f's evaluations share each conv's sliced weight and time response (made
+    once per solve, not per evaluation); logits and every parameter's gradient through the whole
+    solve equal the concatenation form's, which prepares nothing (float64)."""
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    cfg = dict(TINY_NODE, t1=3.0)
+    a = build_model("node", node=dict(cfg, time_conv="aligned")).double()
+    b = build_model("node", node=dict(cfg, time_conv="concat")).double()
+    b.load_state_dict(a.state_dict())
+    responses = []
+    conv2d = torch.nn.functional.conv2d
+
+    def spy(x, w, *args, **kw):
+        if w.shape[1] == 1:   # a kernel's response to the constant time channel
+            responses.append(w.shape)
+        return conv2d(x, w, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    ya, yb = a(x), b(x)
+    assert a.nfe_forward == b.nfe_forward > 6
+    assert len(responses) == len(a.func.convs)             # once per conv, not once per evaluation
+    assert a.func._solve_cache is None                      # dropped after the solve
+    assert torch.allclose(ya, yb, atol=1e-10, rtol=0)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-9, rtol=1e-7), name
+
+
 # logits of each student option against the reference (fp32 IEEE, concatenated time channel),
 # with the tolerance each is held to: bf16 rounds the convolutions' inputs to 8 mantissa bits
 OPTIONS = [(dict(precision="tf32"), 1e-6), (dict(time_conv="aligned"), 1e-5), (dict(channels_last=True), 1e-5),
