@@ -112,3 +112,29 @@ def test_bench_student_smoke_writes_a_costs_file(tmp_path):
     assert c["device"] == "cpu" and c["rates"]["student"] > 0 and c["rates"]["teacher"] > 0
     rows = json.loads(open(out).read())["options"]
     assert rows["tf32"]["nfe_forward"] >= 2 and rows["fp32-concat"]["images_per_s"] > 0
+
+
+def test_check_gpu_passes_the_real_model_and_fails_a_broken_time_response(monkeypatch):
+    """benchmarks/check_gpu.py (run on an H100 for the README) against its fp64 reference, here at
+    smoke size on the CPU: the options pass, and an aligned conv whose time response is dropped
+    fails (the concatenation form, which does not use it, still passes)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+
+    from nodekd_ray.models import ODEFunc
+
+    spec = importlib.util.spec_from_file_location("check_gpu", os.path.join(ROOT, "benchmarks", "check_gpu.py"))
+    check_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_gpu)
+    args = SimpleNamespace(width=32, stem=8, batch=4, t1=1.0)
+    rows = check_gpu.check(args, torch.device("cpu"), 0)
+    assert [r[1] for r in rows] == list(check_gpu.OPTIONS) and all(r[-1] for r in rows)
+    assert rows[1][2]["logits"] < 1e-6            # aligned fp32 against fp64
+
+    real = ODEFunc._aligned_weights
+    monkeypatch.setattr(ODEFunc, "_aligned_weights", lambda self, i, conv, h: (
+        lambda w, r: (w, 0 * r))(*real(self, i, conv, h)))
+    ok = {r[1]: r[-1] for r in check_gpu.check(args, torch.device("cpu"), 0)}
+    assert ok == {"fp32-concat": True, "fp32": False, "tf32": False, "bf16": False, "bf16+cl": False}
