@@ -156,9 +156,10 @@ class ODEFunc(nn.Module):
                  time_conv: str = "aligned", precision: str = "tf32", compile: bool = False):
         super().__init__()
         self.time_input, self.t1, self.time_conv, self.precision = time_input, t1, time_conv, precision
-        # compile: each layer (GroupNorm, ReLU, conv, time term) through torch.compile, which fuses
-        # the norm, the ReLU and the dtype casts around the conv (cuDNN's) into a few kernels; one
-        # compiled function serves every layer. The solve's weight cache stays outside it.
+        # compile: each layer (GroupNorm, ReLU, conv, time term) through torch.compile, meant to fuse
+        # the norm, the ReLU and the dtype casts around the conv (cuDNN's); one compiled function
+        # serves every layer, and the solve's weight cache stays outside it. Measured on an H100
+        # (README, "Measured on one H100"): slower, 885 against 1297 training images/s without it.
         self._layer_fn = torch.compile(_layer, dynamic=False) if compile else _layer
         extra = 0 if time_input == "none" else 1
         self.norms = nn.ModuleList(_gn(width) for _ in range(layers))
