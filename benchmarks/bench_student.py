@@ -10,7 +10,9 @@ through it, update), for each option in one run:
     tf32                 TF32 convolutions (PyTorch's default for cuDNN convs on GPUs)
     bf16                 f's convolutions under bf16 autocast; state, solver and loss in fp32
     bf16+cl              bf16 and channels_last
-    bf16+cl+compile      bf16, channels_last and torch.compile of f's layers
+    bf16+cl+compile      bf16, channels_last and torch.compile of f's GroupNorm + ReLU pairs
+    tf32+compile         tf32 and the compiled GroupNorm + ReLU
+    bf16+compile         bf16 (NCHW) and the compiled GroupNorm + ReLU
 
 For each: training images/s and its ratio to the baseline, forward/backward NFE per step as
 counted by the model, FLOPs per function evaluation per image (counted from the layer shapes),
@@ -44,6 +46,8 @@ OPTIONS = {
     "bf16": dict(precision="bf16"),
     "bf16+cl": dict(precision="bf16", channels_last=True),
     "bf16+cl+compile": dict(precision="bf16", channels_last=True, compile=True),
+    "tf32+compile": dict(precision="tf32", compile=True),
+    "bf16+compile": dict(precision="bf16", compile=True),
 }
 
 
@@ -205,17 +209,19 @@ def main():
           f"f: {f_gflop(args.width):.3f} GFLOP per evaluation per image")
     print(f"measured bf16 matmul rate (MFU denominator): {peak:.2f} TFLOP/s")
     rows = {}
-    for name in args.options:
+    print(f"  {'option':<17} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7}",
+          flush=True)
+    for name in args.options:   # a row as soon as it is measured (a run cut short keeps its rows)
         try:
-            rows[name] = bench(OPTIONS[name], args, device)
+            r = rows[name] = bench(OPTIONS[name], args, device)
         except Exception as e:  # noqa: BLE001 -- e.g. torch.compile without a compiler: report, go on
             print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-    base = rows.get("fp32-concat")
-    print(f"  {'option':<17} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7}")
-    for name, r in rows.items():
+            continue
+        base = rows.get("fp32-concat")
         ratio = r["images_per_s"] / base["images_per_s"] if base else float("nan")
         print(f"  {name:<17} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
-              f"{r['step_tflops']:8.3f} {100 * r['step_tflops'] / peak:8.1f}% {100 * r['f_tflops'] / peak:6.1f}%")
+              f"{r['step_tflops']:8.3f} {100 * r['step_tflops'] / peak:8.1f}% {100 * r['f_tflops'] / peak:6.1f}%",
+              flush=True)
     if args.memory is not None:
         print(f"memory of one training step at batch {args.batch} (fresh weights):")
         for t1 in args.memory or (1.0, 100.0, 500.0):
