@@ -90,7 +90,7 @@ def main():
                 both = timed(lambda: torch.autograd.backward(F.conv2d(x, w, padding=1), g), args.reps)
                 print(f"  benchmark={bench!s:<5} {mode:<4} {'NHWC' if cl else 'NCHW'}  "
                       f"{flop / fwd / 1e12:7.1f} | {3 * flop / both / 1e12:7.1f}")
-    print(f"f (4 GN-ReLU-conv layers, aligned time conv): TFLOP/s fwd+bwd")
+    print("f (4 GN-ReLU-conv layers, aligned time conv): TFLOP/s fwd+bwd")
     for bench in (False, True):
         torch.backends.cudnn.benchmark = bench
         for prec in ("fp32", "tf32", "bf16"):
