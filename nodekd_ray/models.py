@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dopri5 import ODESolveError, dopri5
 from .errors import ConfigError, check_choice
 
 RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
@@ -37,6 +38,7 @@ FIXED_SOLVERS = ("euler", "midpoint", "rk4")
 SOLVERS = ADAPTIVE_SOLVERS + FIXED_SOLVERS
 TIME_INPUTS = ("scaled", "raw", "none")
 PRECISIONS = ("fp32", "tf32", "bf16")
+SOLVER_IMPLS = ("torchdiffeq", "nodekd")
 
 
 class Normalize(nn.Module):
@@ -268,10 +270,6 @@ def _cudnn_conv_precision(mode: str):
         conv.fp32_precision = before
 
 
-class ODESolveError(RuntimeError):
-    """The ODE solve failed: step-size underflow, the step limit, or a non-finite state."""
-
-
 @dataclass
 class NODEConfig:
     width: int = 512              # channels of the ODE state and of every conv in f (paper: 512)
@@ -291,12 +289,19 @@ class NODEConfig:
                                   # convs on GPUs) or "bf16" (autocast); state, solver and loss stay fp32
     channels_last: bool = False   # NHWC memory format for the ODE state and f's convolutions
     compile: bool = False         # torch.compile f's layers
+    solver_impl: str = "torchdiffeq"  # "torchdiffeq", or "nodekd": nodekd_ray/dopri5.py, the same dopri5 steps
+                                  # with fewer device operations (dopri5 with plain backpropagation only). The
+                                  # default stays torchdiffeq's until a GPU has measured the difference
 
     def validate(self) -> "NODEConfig":
         check_choice("solver", self.solver, SOLVERS)
         check_choice("time_input", self.time_input, TIME_INPUTS)
         check_choice("time_conv", self.time_conv, ("aligned", "concat"))
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("solver_impl", self.solver_impl, SOLVER_IMPLS)
+        if self.solver_impl == "nodekd" and (self.solver != "dopri5" or self.adjoint):
+            raise ConfigError("solver_impl", "'nodekd' implements dopri5 with plain backpropagation only, got "
+                                             f"solver {self.solver!r}{' with the adjoint method' if self.adjoint else ''}")
         for field in ("t1", "rtol", "atol"):
             v = getattr(self, field)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -326,6 +331,7 @@ class NeuralODE(nn.Module):
         self.head_norm = _gn(w)
         self.fc = nn.Linear(w, num_classes)
         self.register_buffer("t_span", torch.tensor([0.0, float(cfg.t1)]), persistent=False)
+        self._t_end = float(self.t_span[1])     # t1 as torchdiffeq sees it (through t_span), on the host
         _he_init(self)
         if cfg.channels_last:   # after the init: normal_ fills storage in memory order
             self.func.to(memory_format=torch.channels_last)
@@ -351,9 +357,13 @@ class NeuralODE(nn.Module):
         shared = contextlib.nullcontext() if cfg.adjoint else self.func.solving()
         try:
             with shared:
-                h = solve(self.func, h0, self.t_span, rtol=cfg.rtol, atol=cfg.atol,
-                          method=cfg.solver, options=options, **kwargs)[-1]
-        except AssertionError as e:  # torchdiffeq signals underflow / step limit by assert
+                if cfg.solver_impl == "nodekd":
+                    h = dopri5(self.func, h0, 0.0, self._t_end, rtol=cfg.rtol, atol=cfg.atol,
+                               max_num_steps=cfg.max_num_steps)
+                else:
+                    h = solve(self.func, h0, self.t_span, rtol=cfg.rtol, atol=cfg.atol,
+                              method=cfg.solver, options=options, **kwargs)[-1]
+        except (AssertionError, ODESolveError) as e:  # torchdiffeq signals underflow / step limit by assert
             raise ODESolveError(f"{cfg.solver} failed over [0, {cfg.t1:g}]: {e}") from None
         if not torch.isfinite(h).all():
             raise ODESolveError(f"{cfg.solver} produced a non-finite state over [0, {cfg.t1:g}]")
