@@ -13,6 +13,9 @@ through it, update), for each option in one run:
     bf16+cl+compile      bf16, channels_last and torch.compile of f's GroupNorm + ReLU pairs
     tf32+compile         tf32 and the compiled GroupNorm + ReLU
     bf16+compile         bf16 (NCHW) and the compiled GroupNorm + ReLU
+    tf32+nodekd          tf32 and solver_impl "nodekd" (nodekd_ray/dopri5.py: the same dopri5 steps as
+                         torchdiffeq's with fewer device operations; see benchmarks/bench_solver.py)
+    bf16+nodekd          bf16 and solver_impl "nodekd"
 
 For each: training images/s and its ratio to the baseline, forward/backward NFE per step as
 counted by the model, FLOPs per function evaluation per image (counted from the layer shapes),
@@ -48,6 +51,8 @@ OPTIONS = {
     "bf16+cl+compile": dict(precision="bf16", channels_last=True, compile=True),
     "tf32+compile": dict(precision="tf32", compile=True),
     "bf16+compile": dict(precision="bf16", compile=True),
+    "tf32+nodekd": dict(precision="tf32", solver_impl="nodekd"),
+    "bf16+nodekd": dict(precision="bf16", solver_impl="nodekd"),
 }
 
 

@@ -125,3 +125,20 @@ def test_solver_failures_are_one_line_errors():
 def test_solver_impl_is_checked(kw):
     with pytest.raises(ConfigError, match="solver_impl"):
         NODEConfig(**{"solver_impl": "nodekd", **kw}).validate()
+
+
+def test_bench_solver_counts_fewer_operations_and_synchronisations_for_the_same_steps():
+    """benchmarks/bench_solver.py's first measurement, which the README quotes: a student training step
+    dispatches fewer ATen operations, copies and scalar reads with solver_impl "nodekd", at equal NFE."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_solver.py")
+    spec = importlib.util.spec_from_file_location("bench_solver", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.count_ops(torch.device("cpu"))
+    (ops_a, copies_a, syncs_a, nf_a, nb_a, _), (ops_b, copies_b, syncs_b, nf_b, nb_b, _) = \
+        rows["torchdiffeq"], rows["nodekd"]
+    assert (nf_a, nb_a) == (nf_b, nb_b) and nf_a > 10
+    assert ops_b < 0.8 * ops_a and copies_b < copies_a / 3 and syncs_b < syncs_a / 5
