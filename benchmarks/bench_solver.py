@@ -3,9 +3,10 @@ fewer device-to-host synchronisations and less time spent outside f per training
 
 Three measurements, each torchdiffeq's dopri5 (the baseline) against solver_impl "nodekd" in the same run:
 
-  1. operations: every ATen operation a student training step (forward through the solver and
-     backward) dispatches, counted by a TorchDispatchMode, with the copy/fill operations and the
-     scalar reads (``_local_scalar_dense``: a device-to-host synchronisation each on a GPU) apart.
+  1. operations: the ATen operations a student training step (forward through the solver and
+     backward) dispatches, counted by a TorchDispatchMode: those that run a kernel on a GPU (views
+     and autograd's detaches left out), the copy/fill operations among them, and the scalar reads
+     (``_local_scalar_dense``: a device-to-host synchronisation each on a GPU).
      Counts do not depend on width or batch, so a small student on the CPU gives the GPU's counts.
   2. solver time: a training step whose f is one pointwise op (tanh(w * h + t)) on the real state,
      (batch, 512, 8, 8), so that the time is the solver's own: stage combinations, error norm,
@@ -32,6 +33,10 @@ from nodekd_ray.devices import describe_device
 from nodekd_ray.models import NODEConfig, NeuralODE
 
 IMPLS = ("torchdiffeq", "nodekd")
+# views and autograd's detach of saved tensors: no kernel on a GPU, left out of the count
+VIEWS = {"detach", "view", "_unsafe_view", "expand", "as_strided", "slice", "select", "t", "transpose", "permute",
+         "unsqueeze", "squeeze", "alias", "view_as", "reshape", "_reshape_alias", "unbind", "split", "split_with_sizes",
+         "lift_fresh", "_local_scalar_dense"}
 COPIES = {"copy_", "fill_", "zero_", "zeros", "zeros_like", "empty", "clone", "new_zeros", "slice_backward",
           "select_backward", "_to_copy", "contiguous"}
 
@@ -68,7 +73,7 @@ def count_ops(device):
         m.func.nfe = m.func.nfe_backward = 0
         with CountOps() as c:
             train_step(m, x, y)
-        total = sum(c.ops.values())
+        total = sum(n for op, n in c.ops.items() if op not in VIEWS)
         copies = sum(n for op, n in c.ops.items() if op in COPIES)
         rows[impl] = (total, copies, c.ops["_local_scalar_dense"], m.func.nfe, m.func.nfe_backward, c.ops)
     return rows
@@ -100,18 +105,21 @@ def solver_step(impl, f, h0, t1):
     h.square().mean().backward()
 
 
-def timed(fn, device, repeats):
-    fn()   # warm-up
-    out = []
+def timed(fns: dict, device, repeats: int) -> dict:
+    """Median seconds of each of fns, called in turn (A, B, A, B, ...) so that drift hits both alike."""
+    for fn in fns.values():
+        fn()   # warm-up
+    out = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in out.items()}
 
 
 def main(argv=None):
@@ -119,7 +127,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="batch of 2. and 3. (default: 128 on a GPU, 32 on a CPU)")
     ap.add_argument("--width", type=int, default=None, help="student width of 3. (default: 512 on a GPU, 64 on a CPU)")
     ap.add_argument("--t1", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=11, help="timed steps of each, alternating")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat: checks that the script runs")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,24 +144,24 @@ def main(argv=None):
     for impl, (total, copies, syncs, nf, nb, _) in rows.items():
         print(f"{impl:<12} {total:>6} {total / base:>7.2f} {copies:>10} {syncs:>13} {f'{nf}/{nb}':>12}")
     for impl in IMPLS:
-        top = ", ".join(f"{op} {n}" for op, n in rows[impl][5].most_common(8))
+        top = ", ".join(f"{op} {n}" for op, n in rows[impl][5].most_common(16) if op not in VIEWS)
         print(f"  {impl}: {top}")
 
     print(f"\n2. solver time per training step: f = tanh(w h + t), state ({batch}, 512, 8, 8), t1 = {args.t1:g}")
-    times = {}
+    fs = {impl: Pointwise(512).to(device) for impl in IMPLS}
+    h0 = torch.randn(batch, 512, 8, 8, device=device, generator=torch.Generator(device).manual_seed(0))
+    times = timed({impl: (lambda impl=impl: solver_step(impl, fs[impl], h0, args.t1)) for impl in IMPLS},
+                  device, repeats)
     for impl in IMPLS:
-        f = Pointwise(512).to(device)
-        h0 = torch.randn(batch, 512, 8, 8, device=device, generator=torch.Generator(device).manual_seed(0))
-        times[impl] = timed(lambda: solver_step(impl, f, h0, args.t1), device, repeats)
         print(f"{impl:<12} {times[impl] * 1e3:9.1f} ms  x{times['torchdiffeq'] / times[impl]:.2f}  "
-              f"NFE per step {f.nfe // (repeats + 1)}")
+              f"NFE per step {fs[impl].nfe // (repeats + 1)}")
 
     print(f"\n3. student training step: width {width}, batch {batch}, t1 = {args.t1:g}, tf32, random images")
     x = torch.rand(batch, 3, 32, 32, device=device, generator=torch.Generator(device).manual_seed(1))
     y = torch.randint(0, 10, (batch,), device=device, generator=torch.Generator(device).manual_seed(2))
-    for impl in IMPLS:
-        m = student(width, impl, device, args.t1)
-        times[impl] = timed(lambda: train_step(m, x, y), device, repeats)
+    models = {impl: student(width, impl, device, args.t1) for impl in IMPLS}
+    times = timed({impl: (lambda impl=impl: train_step(models[impl], x, y)) for impl in IMPLS}, device, repeats)
+    for impl, m in models.items():
         n = repeats + 1
         print(f"{impl:<12} {times[impl] * 1e3:9.1f} ms  {batch / times[impl]:8.1f} images/s  "
               f"x{times['torchdiffeq'] / times[impl]:.2f}  NFE fwd/bwd {m.func.nfe / n:.0f}/{m.func.nfe_backward / n:.0f}")

@@ -16,6 +16,8 @@ through it, update), for each option in one run:
     tf32+nodekd          tf32 and solver_impl "nodekd" (nodekd_ray/dopri5.py: the same dopri5 steps as
                          torchdiffeq's with fewer device operations; see benchmarks/bench_solver.py)
     bf16+nodekd          bf16 and solver_impl "nodekd"
+    tf32+nodekd+recompute  tf32, solver_impl "nodekd" and recompute (f's GroupNorm + ReLU recomputed in
+                         the backward: about half the activation memory per NFE)
 
 For each: training images/s and its ratio to the baseline, forward/backward NFE per step as
 counted by the model, FLOPs per function evaluation per image (counted from the layer shapes),
@@ -53,6 +55,7 @@ OPTIONS = {
     "bf16+compile": dict(precision="bf16", compile=True),
     "tf32+nodekd": dict(precision="tf32", solver_impl="nodekd"),
     "bf16+nodekd": dict(precision="bf16", solver_impl="nodekd"),
+    "tf32+nodekd+recompute": dict(precision="tf32", solver_impl="nodekd", recompute=True),
 }
 
 
@@ -156,13 +159,21 @@ def teacher_rate(args, device) -> float:
     return 3 * RESNET_GFLOP * 18 * args.batch / dt / 1e3
 
 
-def memory(args, device, t1: float, adjoint: bool) -> dict:
+MEMORY_VARIANTS = {   # how the backward pass is made: plain backpropagation (torchdiffeq's dopri5), the same with
+    "backprop": {},   # nodekd's dopri5 and f's GroupNorm + ReLU recomputed, and the adjoint method
+    "nodekd": dict(solver_impl="nodekd"),
+    "nodekd+recompute": dict(solver_impl="nodekd", recompute=True),
+    "adjoint": dict(adjoint=True),
+}
+
+
+def memory(args, device, t1: float, variant: dict) -> dict:
     """Peak memory of one training step (forward through dopri5, backward) of a freshly initialised
     student: torch.cuda.max_memory_allocated on a GPU; on a CPU the bytes autograd saves for the
     backward pass (saved-tensor hooks), which is what grows with NFE. NFE at initialisation, not
     after training: a trained student's NFE (in the records) scales the plain-backprop figure."""
     torch.manual_seed(0)
-    model = NeuralODE(NODEConfig(width=args.width, stem_channels=args.stem, t1=t1, adjoint=adjoint)).to(device)
+    model = NeuralODE(NODEConfig(width=args.width, stem_channels=args.stem, t1=t1, **variant)).to(device)
     x = torch.rand(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     saved = {}
@@ -200,8 +211,9 @@ def main():
     ap.add_argument("--f-reps", type=int, default=50, help="timed forward+backward calls of f alone")
     ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     ap.add_argument("--memory", nargs="*", type=float, default=None, metavar="T1",
-                    help="also measure one training step's memory at these horizons (default 1 100 500), plain "
-                         "backpropagation and adjoint")
+                    help="also measure one training step's memory at these horizons (default 1 100 500), for "
+                         "each of MEMORY_VARIANTS: plain backpropagation, with nodekd's dopri5, with it and "
+                         "recompute, and the adjoint method")
     ap.add_argument("--out", help="write the measured rates here (JSON) for --dry-run --costs")
     args = ap.parse_args()
     if args.smoke:
@@ -214,7 +226,7 @@ def main():
           f"f: {f_gflop(args.width):.3f} GFLOP per evaluation per image")
     print(f"measured bf16 matmul rate (MFU denominator): {peak:.2f} TFLOP/s")
     rows = {}
-    print(f"  {'option':<17} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7}",
+    print(f"  {'option':<22} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7}",
           flush=True)
     for name in args.options:   # a row as soon as it is measured (a run cut short keeps its rows)
         try:
@@ -224,16 +236,15 @@ def main():
             continue
         base = rows.get("fp32-concat")
         ratio = r["images_per_s"] / base["images_per_s"] if base else float("nan")
-        print(f"  {name:<17} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
+        print(f"  {name:<22} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
               f"{r['step_tflops']:8.3f} {100 * r['step_tflops'] / peak:8.1f}% {100 * r['f_tflops'] / peak:6.1f}%",
               flush=True)
     if args.memory is not None:
         print(f"memory of one training step at batch {args.batch} (fresh weights):")
         for t1 in args.memory or (1.0, 100.0, 500.0):
-            for adjoint in (False, True):
-                m = memory(args, device, t1, adjoint)
-                print(f"  t1 {t1:>5g}  {'adjoint' if adjoint else 'backprop':<8}  NFE {m['nfe_forward']:>4}  "
-                      f"{m['gib']:8.3f} GiB {m['what']}")
+            for name, variant in MEMORY_VARIANTS.items():
+                m = memory(args, device, t1, variant)
+                print(f"  t1 {t1:>5g}  {name:<16}  NFE {m['nfe_forward']:>4}  {m['gib']:8.3f} GiB {m['what']}")
     t_rate = teacher_rate(args, device)
     print(f"ResNet20 training, batch {args.batch}: {t_rate:.3f} TFLOP/s")
     if args.out:

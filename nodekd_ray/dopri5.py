@@ -132,7 +132,7 @@ def _first_step(f_at, t0: float, y0, f0, rtol: float, atol: float, real) -> floa
     one more evaluation of f. Its arithmetic is in the state's dtype, as torchdiffeq's is."""
     with torch.no_grad():
         scale = torch.abs(y0).mul(rtol).add_(atol)
-        d0, d1 = (float(v) for v in torch.stack([_rms(y0 / scale), _rms(f0 / scale)]).tolist())
+        d0, d1 = float(_rms(y0 / scale)), float(_rms(f0 / scale))
     d0, d1 = real.type(d0), real.type(d1)                         # the norms as torchdiffeq has them
     if d0 < 1e-5 or d1 < 1e-5:
         h0 = real.type(1e-6)

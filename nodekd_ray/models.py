@@ -155,9 +155,11 @@ class ODEFunc(nn.Module):
     """
 
     def __init__(self, width: int, layers: int = 4, time_input: str = "raw", t1: float = 1.0,
-                 time_conv: str = "aligned", precision: str = "tf32", compile: bool = False):
+                 time_conv: str = "aligned", precision: str = "tf32", compile: bool = False,
+                 recompute: bool = False):
         super().__init__()
         self.time_input, self.t1, self.time_conv, self.precision = time_input, t1, time_conv, precision
+        self.recompute = recompute
         # compile: f's GroupNorm + ReLU pairs through torch.compile, meant to fuse each pair into a
         # reduction and a pointwise kernel: PyTorch's own GroupNorm kernels took about a quarter of
         # a training step's GPU time on an H100. The convs stay cuDNN's; the solve's weight cache
@@ -204,9 +206,15 @@ class ODEFunc(nn.Module):
         if self.time_input != "none":
             tv = t / self.t1 if self.time_input == "scaled" else t
             tt = tv.to(h.dtype).expand(h.shape[0], 1, h.shape[2], h.shape[3])
+        recompute = self.recompute and torch.is_grad_enabled()
         for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
             gn = (norm.num_groups, norm.weight, norm.bias, norm.eps)
-            if self.time_input == "none":
+            if recompute:   # time_conv "aligned" or time_input "none" (NODEConfig.validate)
+                w, response = (conv.weight, None) if self.time_input == "none" else self._aligned_weights(i, conv, h)
+                h = _NormReluConv.apply(h, norm.weight, norm.bias, w, conv.bias, norm.num_groups, norm.eps)
+                if response is not None:
+                    h = h + tv.to(h.dtype) * response
+            elif self.time_input == "none":
                 h = _layer(h, gn, conv.weight, conv.bias, None, None, None, self._gn_relu)
             elif self.time_conv == "concat":
                 h = _layer(h, gn, conv.weight, conv.bias, tt, None, None, self._gn_relu)
@@ -257,6 +265,44 @@ def _layer(h, gn, w, bias, tt, tv, response, gn_relu=_gn_relu):
     return out if response is None else out + tv.to(h.dtype) * response
 
 
+class _NormReluConv(torch.autograd.Function):
+    """conv3x3(relu(groupnorm(h))) that keeps only h for the backward pass (``recompute``).
+
+    Plain autograd keeps two states per layer: GroupNorm's input and the ReLU's output, which the
+    conv needs for its weight gradient. Here the backward recomputes GroupNorm + ReLU from h (one
+    memory-bound pass; the conv is not recomputed) and then runs the conv's backward and
+    GroupNorm's, so a layer keeps one state instead of two: f keeps 5 states per evaluation instead
+    of 9. The ops and dtypes are plain autograd's, autocast included (the forward runs under the
+    caller's autocast; the backward restores it for the recomputation and runs the conv's backward
+    in the dtype the conv ran in), so gradients are the same (tests/test_models.py)."""
+
+    @staticmethod
+    def forward(ctx, h, gamma, beta, w, bias, groups: int, eps: float):
+        device = h.device.type
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.groups, ctx.eps = groups, eps
+        ctx.save_for_backward(h, gamma, beta, w, bias)
+        return F.conv2d(_gn_relu(h, groups, gamma, beta, eps), w, bias, 1, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, gamma, beta, w, bias = ctx.saved_tensors
+        need_h, need_gamma, need_beta, need_w, need_bias = ctx.needs_input_grad[:5]
+        enabled, low = ctx.autocast
+        with torch.enable_grad(), torch.autocast(h.device.type, dtype=low, enabled=enabled):
+            leaves = [t.detach().requires_grad_(need) for t, need in ((h, need_h), (gamma, need_gamma), (beta, need_beta))]
+            a = _gn_relu(leaves[0], ctx.groups, leaves[1], leaves[2], ctx.eps)
+        cd = low if enabled else a.dtype          # the dtype autocast ran the conv in: inputs, weight and bias
+        ga, gw, gb = torch.ops.aten.convolution_backward(
+            g.to(cd), a.detach().to(cd), w.to(cd), None if bias is None else [bias.shape[0]], [1, 1], [1, 1], [1, 1],
+            False, [0, 0], 1, [need_h or need_gamma or need_beta, need_w, bias is not None and need_bias])
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(a, wanted, ga.to(a.dtype)) if wanted else ())
+        gh, ggamma, gbeta = (next(grads) if t.requires_grad else None for t in leaves)
+        return (gh, ggamma, gbeta, None if gw is None else gw.to(w.dtype),
+                None if gb is None else gb.to(bias.dtype), None, None)
+
+
 @contextlib.contextmanager
 def _cudnn_conv_precision(mode: str):
     """cuDNN convolutions in fp32 run as TF32 by default in PyTorch (torch.backends.cudnn.conv.
@@ -289,6 +335,9 @@ class NODEConfig:
                                   # convs on GPUs) or "bf16" (autocast); state, solver and loss stay fp32
     channels_last: bool = False   # NHWC memory format for the ODE state and f's convolutions
     compile: bool = False         # torch.compile f's layers
+    recompute: bool = False       # f's backward recomputes each GroupNorm + ReLU instead of keeping its output:
+                                  # 5 states kept per evaluation instead of 9, for one more GroupNorm pass per
+                                  # layer in the backward (time_conv "aligned" only; not with compile)
     solver_impl: str = "torchdiffeq"  # "torchdiffeq", or "nodekd": nodekd_ray/dopri5.py, the same dopri5 steps
                                   # with fewer device operations (dopri5 with plain backpropagation only). The
                                   # default stays torchdiffeq's until a GPU has measured the difference
@@ -299,6 +348,9 @@ class NODEConfig:
         check_choice("time_conv", self.time_conv, ("aligned", "concat"))
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("solver_impl", self.solver_impl, SOLVER_IMPLS)
+        if self.recompute and (self.compile or (self.time_conv == "concat" and self.time_input != "none")):
+            raise ConfigError("recompute", "needs time_conv 'aligned' and no compile, got "
+                                           f"time_conv {self.time_conv!r}{' with compile' if self.compile else ''}")
         if self.solver_impl == "nodekd" and (self.solver != "dopri5" or self.adjoint):
             raise ConfigError("solver_impl", "'nodekd' implements dopri5 with plain backpropagation only, got "
                                              f"solver {self.solver!r}{' with the adjoint method' if self.adjoint else ''}")
@@ -327,7 +379,8 @@ class NeuralODE(nn.Module):
             nn.Conv2d(s, 2 * s, 4, 2, 1), _gn(2 * s), nn.ReLU(inplace=True),
             nn.Conv2d(2 * s, w, 4, 2, 1),
         )
-        self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1, cfg.time_conv, cfg.precision, cfg.compile)
+        self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1, cfg.time_conv, cfg.precision, cfg.compile,
+                            cfg.recompute)
         self.head_norm = _gn(w)
         self.fc = nn.Linear(w, num_classes)
         self.register_buffer("t_span", torch.tensor([0.0, float(cfg.t1)]), persistent=False)

@@ -29,6 +29,9 @@ def bad_cases(tmp, teacher):
         (["train-teacher", "--dataset", "mnist"], "dataset"),
         (["train-teacher", "--dataset", "synthetic", "--model", "resnet18"], "model"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--solver", "rk45"], "solver"),
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--solver", "rk4", "--solver-impl", "nodekd"],
+         "solver_impl"),
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--recompute", "--time-conv", "concat"], "recompute"),
         (["train-student", "--teacher", teacher, "--dataset", "synthetic", "--lam", "1.5"], "lam"),
         (["train-student", "--teacher", teacher, "--dataset", "synthetic", "--T", "0"], "T"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--t1", "0"], "t1"),
@@ -98,7 +101,7 @@ def test_console_script_end_to_end(tmp_path):
     r = run("train-teacher", *common, "--epochs", "1", "--limit-train", "128", "--out", t)
     assert r.returncode == 0, r.stderr
     r = run("train-student", *common, "--teacher", t, "--epochs", "1", "--limit-train", "128", *SMALL,
-            "--logits-mode", "views", "--out", s)
+            "--logits-mode", "views", "--solver-impl", "nodekd", "--recompute", "--out", s)
     assert r.returncode == 0, r.stderr
     assert "nfe f/b" in r.stderr
     r = run("attack", *common, "--checkpoint", s, "--attack", "mifgsm", "--eps", "0,2/255,4/255", "--out", a)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nodekd_ray.errors import ConfigError
-from nodekd_ray.models import (NODEConfig, ODESolveError, build_model, count_parameters, load_checkpoint,
+from nodekd_ray.models import (NeuralODE, NODEConfig, ODESolveError, build_model, count_parameters, load_checkpoint,
                                save_checkpoint)
 
 from conftest import TINY_NODE
@@ -229,3 +229,49 @@ def test_compiled_ode_function_gives_the_same_logits():
     with torch.no_grad():
         assert torch.allclose(ref(x), m(x), atol=1e-5)
     assert m.nfe_forward == ref.nfe_forward
+
+
+def _saved_bytes_and_grads(model, x):
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(x)
+    logits.square().sum().backward()
+    return logits.detach(), sum(saved.values()), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("option, dtype, tol", [
+    (dict(precision="fp32"), torch.float64, 1e-12),
+    (dict(precision="fp32", solver_impl="nodekd"), torch.float32, 1e-6),
+    # bf16: a solve's contributions to a conv's bf16 weight gradient are summed in bf16, and the
+    # autograd engine visits the two graphs' nodes in a different order: differences of bf16 rounding
+    (dict(precision="bf16"), torch.float32, 2e-3),
+    (dict(precision="bf16", channels_last=True), torch.float32, 2e-3),
+    (dict(precision="fp32", time_input="none"), torch.float64, 1e-12),
+])
+def test_recompute_keeps_fewer_states_and_gives_the_same_gradients(option, dtype, tol):
+    """recompute: the backward recomputes GroupNorm + ReLU. Same logits, same gradients (same ops in
+    the same dtypes, autocast included), and at most 0.7 of the bytes autograd keeps for the backward."""
+    x = torch.rand(3, 3, 32, 32, dtype=dtype)
+    out = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        m = NeuralODE(NODEConfig(width=32, stem_channels=8, t1=1.0, recompute=recompute, **option)).to(dtype)
+        out[recompute] = _saved_bytes_and_grads(m, x) + (m.nfe_forward, m.nfe_backward)
+    (l0, b0, g0, f0, k0), (l1, b1, g1, f1, k1) = out[False], out[True]
+    assert (f0, k0) == (f1, k1)
+    assert torch.equal(l0, l1)                   # the forward is the same computation
+    for a, b in zip(g0, g1):
+        assert float((a - b).norm()) <= tol * float(a.norm()) + 1e-30
+    assert b1 < 0.7 * b0, (b1, b0)
+
+
+def test_recompute_is_checked():
+    with pytest.raises(ConfigError, match="recompute"):
+        NODEConfig(recompute=True, time_conv="concat").validate()
+    with pytest.raises(ConfigError, match="recompute"):
+        NODEConfig(recompute=True, compile=True).validate()

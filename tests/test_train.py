@@ -103,3 +103,4 @@ def test_out_of_memory_is_one_line_naming_the_remedies(synthetic, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("batch_size:")
     assert "adjoint" in msg and "smaller batch (now 32)" in msg and "Tried to allocate 20.00 GiB" in msg
+    assert "recompute and solver_impl nodekd" in msg
