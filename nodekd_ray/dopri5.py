@@ -171,5 +171,5 @@ def _interpolate(y0, ks, dt: float, t0: float, t_end: float, t: float, real) -> 
     d = dt * f0v
     x = float(real.type((t - t0) / (t_end - t0)))
     g = y0v + x * d + x ** 2 * c + x ** 3 * b + x ** 4 * a
-    # g[0], the weight of y0, is 1 up to rounding: -11 - 5 + 16 = 18 + 14 - 32 = -16 + 16 = 0
+    # g[0], the weight of y0, is exactly 1: its weights in c, b and a are -11 - 5 + 16 = 18 + 14 - 32 = -16 + 16 = 0
     return _combine(y0, g[1:].tolist(), ks)
