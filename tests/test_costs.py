@@ -137,4 +137,5 @@ def test_check_gpu_passes_the_real_model_and_fails_a_broken_time_response(monkey
     monkeypatch.setattr(ODEFunc, "_aligned_weights", lambda self, i, conv, h: (
         lambda w, r: (w, 0 * r))(*real(self, i, conv, h)))
     ok = {r[1]: r[-1] for r in check_gpu.check(args, torch.device("cpu"), 0)}
-    assert ok == {"fp32-concat": True, "fp32": False, "tf32": False, "bf16": False, "bf16+cl": False}
+    assert ok == {"fp32-concat": True, "fp32": False, "tf32": False, "bf16": False, "bf16+cl": False,
+                  "tf32+nodekd": False, "tf32+recompute": False, "bf16+recompute": False}
