@@ -142,3 +142,20 @@ def test_bench_solver_counts_fewer_operations_and_synchronisations_for_the_same_
         rows["torchdiffeq"], rows["nodekd"]
     assert (nf_a, nb_a) == (nf_b, nb_b) and nf_a > 10
     assert ops_b < 0.8 * ops_a and copies_b < copies_a / 3 and syncs_b < syncs_a / 5
+
+
+def test_audit_solver_changes_work_on_a_student_trained_with_nodekd():
+    """The audit re-solves students with other settings: tolerances (same dopri5, same implementation)
+    and rk4 gradients (torchdiffeq's rk4: nodekd implements dopri5 only)."""
+    from nodekd_ray.attacks import with_solver
+
+    torch.manual_seed(5)
+    m = NeuralODE(NODEConfig(width=16, t1=1.0, solver_impl="nodekd")).eval()
+    x = torch.rand(2, 3, 32, 32)
+    tight = with_solver(m, rtol=1e-6, atol=1e-6)
+    assert tight.cfg.solver_impl == "nodekd" and tight.cfg.rtol == 1e-6
+    rk4 = with_solver(m, solver="rk4", step_size=0.25)
+    assert rk4.cfg.solver_impl == "torchdiffeq" and m.cfg.solver_impl == "nodekd"
+    with torch.no_grad():
+        a, b, c = m(x), tight(x), rk4(x)
+    assert _rel(a, b) < 1e-2 and _rel(c, b) < 1e-2      # the same function, solved three ways
