@@ -159,3 +159,16 @@ def test_audit_solver_changes_work_on_a_student_trained_with_nodekd():
     with torch.no_grad():
         a, b, c = m(x), tight(x), rk4(x)
     assert _rel(a, b) < 1e-2 and _rel(c, b) < 1e-2      # the same function, solved three ways
+
+
+def test_sweep_flags_reach_the_students_config():
+    """--solver-impl and --recompute on a sweep script end up in every student's NODEConfig."""
+    from nodekd_ray.orchestration.entry import settings_from_args, sweep_parser
+    from nodekd_ray.sweep import StudentJob, student_config
+
+    ap = sweep_parser("t", default_scale="digits")
+    job = StudentJob(dataset="digits", t1=10.0)
+    node = student_config(job, settings_from_args(ap.parse_args(["--solver-impl", "nodekd", "--recompute"]))).node
+    assert (node.solver_impl, node.recompute, node.t1) == ("nodekd", True, 10.0)
+    node = student_config(job, settings_from_args(ap.parse_args([]))).node
+    assert (node.solver_impl, node.recompute) == ("torchdiffeq", False)
