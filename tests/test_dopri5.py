@@ -172,3 +172,18 @@ def test_sweep_flags_reach_the_students_config():
     assert (node.solver_impl, node.recompute, node.t1) == ("nodekd", True, 10.0)
     node = student_config(job, settings_from_args(ap.parse_args([]))).node
     assert (node.solver_impl, node.recompute) == ("torchdiffeq", False)
+
+
+def test_bench_solver_smoke_runs():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_solver.py"), "--smoke"], cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    import re
+
+    nfe = re.findall(r"NFE per step (\d+)", r.stdout)
+    assert r.stdout.count("nodekd") >= 4 and len(nfe) == 2 and nfe[0] == nfe[1]   # same steps, both solvers
