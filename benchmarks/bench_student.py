@@ -18,6 +18,8 @@ through it, update), for each option in one run:
     bf16+nodekd          bf16 and solver_impl "nodekd"
     tf32+nodekd+recompute  tf32, solver_impl "nodekd" and recompute (f's GroupNorm + ReLU recomputed in
                          the backward: about half the activation memory per NFE)
+    bf16+norms+nodekd    bf16 with f's GroupNorm + ReLU in bf16 too (bf16_norms: none of CUDA autocast's
+                         casts around each layer) and solver_impl "nodekd"
 
 For each: training images/s and its ratio to the baseline, forward/backward NFE per step as
 counted by the model, FLOPs per function evaluation per image (counted from the layer shapes),
@@ -56,6 +58,7 @@ OPTIONS = {
     "tf32+nodekd": dict(precision="tf32", solver_impl="nodekd"),
     "bf16+nodekd": dict(precision="bf16", solver_impl="nodekd"),
     "tf32+nodekd+recompute": dict(precision="tf32", solver_impl="nodekd", recompute=True),
+    "bf16+norms+nodekd": dict(precision="bf16", bf16_norms=True, solver_impl="nodekd"),
 }
 
 

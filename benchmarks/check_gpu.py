@@ -42,6 +42,7 @@ OPTIONS = {
     "tf32+nodekd": dict(precision="tf32", solver_impl="nodekd"),          # the logits through dopri5.py
     "tf32+recompute": dict(precision="tf32", recompute=True),             # f's backward through _NormReluConv
     "bf16+recompute": dict(precision="bf16", recompute=True),
+    "bf16+norms": dict(precision="bf16", bf16_norms=True),               # GroupNorm + ReLU in bf16 too
 }
 BOUND_F = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
 BOUND_GRAD = {"fp32": 3e-3, "tf32": 5e-2, "bf16": 2e-1}

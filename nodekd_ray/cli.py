@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--compile", action="store_true", help="torch.compile f's layers")
     n.add_argument("--recompute", action="store_true", help="recompute f's GroupNorm + ReLU in the backward: "
                                                             "about half the activation memory per NFE")
+    n.add_argument("--bf16-norms", action="store_true", help="with --precision bf16: f's GroupNorm and ReLU in bf16 "
+                                                             "too (CUDA's autocast runs GroupNorm in fp32)")
     n.add_argument("--solver-impl", default="torchdiffeq", help="dopri5's implementation: torchdiffeq, or nodekd "
                                                              "(the same steps, fewer device operations; plain "
                                                              "backpropagation only)")
@@ -192,7 +194,7 @@ def cmd_train_student(args) -> None:
                       step_size=args.step_size, adjoint=args.adjoint, time_input=args.time_input,
                       time_conv=args.time_conv, precision=args.precision, channels_last=args.channels_last,
                       compile=args.compile, solver_impl=args.solver_impl,
-                      recompute=args.recompute)
+                      recompute=args.recompute, bf16_norms=args.bf16_norms)
     cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,
                         **_recipe_kwargs(args)).validate()
     _check_out(args)

@@ -172,7 +172,7 @@ class ODEFunc(nn.Module):
 
     def __init__(self, width: int, layers: int = 4, time_input: str = "raw", t1: float = 1.0,
                  time_conv: str = "aligned", precision: str = "tf32", compile: bool = False,
-                 recompute: bool = False):
+                 recompute: bool = False, bf16_norms: bool = False):
         super().__init__()
         self.time_input, self.t1, self.time_conv, self.precision = time_input, t1, time_conv, precision
         self.recompute = recompute
@@ -182,7 +182,8 @@ class ODEFunc(nn.Module):
         # stays outside. Measured on an H100 (README, "Measured on one H100"), it is slower, as was
         # compiling whole layers: the step is bound by launches, and each compiled call adds host
         # time (tf32 899 against 1201 training images/s without it, bf16 726 against 1019).
-        self._gn_relu = torch.compile(_gn_relu, dynamic=False) if compile else _gn_relu
+        gn_relu = _gn_relu_low if bf16_norms else _gn_relu
+        self._gn_relu = torch.compile(gn_relu, dynamic=False) if compile else gn_relu
         extra = 0 if time_input == "none" else 1
         self.norms = nn.ModuleList(_gn(width) for _ in range(layers))
         self.convs = nn.ModuleList(nn.Conv2d(width + extra, width, 3, 1, 1) for _ in range(layers))
@@ -227,7 +228,8 @@ class ODEFunc(nn.Module):
             gn = (norm.num_groups, norm.weight, norm.bias, norm.eps)
             if recompute:   # time_conv "aligned" or time_input "none" (NODEConfig.validate)
                 w, response = (conv.weight, None) if self.time_input == "none" else self._aligned_weights(i, conv, h)
-                h = _NormReluConv.apply(h, norm.weight, norm.bias, w, conv.bias, norm.num_groups, norm.eps)
+                h = _NormReluConv.apply(h, norm.weight, norm.bias, w, conv.bias, norm.num_groups, norm.eps,
+                                        self._gn_relu)
                 if response is not None:
                     h = h + tv.to(h.dtype) * response
             elif self.time_input == "none":
@@ -283,6 +285,19 @@ def _gn_relu(h, groups: int, gamma, beta, eps: float):
     return F.relu(F.group_norm(h, groups, gamma, beta, eps))
 
 
+def _gn_relu_low(h, groups: int, gamma, beta, eps: float):
+    """GroupNorm + ReLU in the autocast dtype (bf16_norms). CUDA's autocast runs group_norm in
+    float32 (PyTorch's autocast op reference): around every layer of f it casts the bf16 conv output
+    up for the norm and the ReLU's output down for the next conv, and the norm and ReLU move fp32
+    tensors. Here the norm reads and writes bf16 (PyTorch's GroupNorm kernels accumulate its
+    statistics in float32) with gamma and beta cast to bf16, as timm's fast_group_norm does; the
+    conv would round the ReLU's output to bf16 anyway. CPU autocast already runs group_norm on bf16
+    input, so on a CPU this differs only by the bf16 gamma and beta."""
+    dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    with torch.autocast(h.device.type, enabled=False):
+        return F.relu(F.group_norm(h.to(dt), groups, gamma.to(dt), beta.to(dt), eps))
+
+
 def _layer(h, gn, w, bias, tt, tv, response, gn_relu=_gn_relu):
     """One layer of f: conv3x3(relu(groupnorm(h))), the time channel concatenated (tt) or added as
     t times the conv's response to it (tv, response; see ODEFunc._aligned_weights)."""
@@ -305,12 +320,12 @@ class _NormReluConv(torch.autograd.Function):
     in the dtype the conv ran in), so gradients are the same (tests/test_models.py)."""
 
     @staticmethod
-    def forward(ctx, h, gamma, beta, w, bias, groups: int, eps: float):
+    def forward(ctx, h, gamma, beta, w, bias, groups: int, eps: float, gn_relu=_gn_relu):
         device = h.device.type
         ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-        ctx.groups, ctx.eps = groups, eps
+        ctx.groups, ctx.eps, ctx.gn_relu = groups, eps, gn_relu
         ctx.save_for_backward(h, gamma, beta, w, bias)
-        return F.conv2d(_gn_relu(h, groups, gamma, beta, eps), w, bias, 1, 1)
+        return F.conv2d(gn_relu(h, groups, gamma, beta, eps), w, bias, 1, 1)
 
     @staticmethod
     def backward(ctx, g):
@@ -319,7 +334,7 @@ class _NormReluConv(torch.autograd.Function):
         enabled, low = ctx.autocast
         with torch.enable_grad(), torch.autocast(h.device.type, dtype=low, enabled=enabled):
             leaves = [t.detach().requires_grad_(need) for t, need in ((h, need_h), (gamma, need_gamma), (beta, need_beta))]
-            a = _gn_relu(leaves[0], ctx.groups, leaves[1], leaves[2], ctx.eps)
+            a = ctx.gn_relu(leaves[0], ctx.groups, leaves[1], leaves[2], ctx.eps)
         cd = low if enabled else a.dtype          # the dtype autocast ran the conv in: inputs, weight and bias
         ga, gw, gb = torch.ops.aten.convolution_backward(
             g.to(cd), a.detach().to(cd), w.to(cd), None if bias is None else [bias.shape[0]], [1, 1], [1, 1], [1, 1],
@@ -328,7 +343,7 @@ class _NormReluConv(torch.autograd.Function):
         grads = iter(torch.autograd.grad(a, wanted, ga.to(a.dtype)) if wanted else ())
         gh, ggamma, gbeta = (next(grads) if t.requires_grad else None for t in leaves)
         return (gh, ggamma, gbeta, None if gw is None else gw.to(w.dtype),
-                None if gb is None else gb.to(bias.dtype), None, None)
+                None if gb is None else gb.to(bias.dtype), None, None, None)
 
 
 @contextlib.contextmanager
@@ -366,6 +381,8 @@ class NODEConfig:
     recompute: bool = False       # f's backward recomputes each GroupNorm + ReLU instead of keeping its output:
                                   # 5 states kept per evaluation instead of 9, for one more GroupNorm pass per
                                   # layer in the backward (time_conv "aligned" only; not with compile)
+    bf16_norms: bool = False      # precision bf16 only: f's GroupNorms and ReLUs in bf16 too, not in fp32 as CUDA's
+                                  # autocast runs them (no casts around each layer; see _gn_relu_low)
     solver_impl: str = "torchdiffeq"  # "torchdiffeq", or "nodekd": nodekd_ray/dopri5.py, the same dopri5 steps
                                   # with fewer device operations (dopri5 with plain backpropagation only). The
                                   # default stays torchdiffeq's until a GPU has measured the difference
@@ -379,6 +396,8 @@ class NODEConfig:
         if self.recompute and (self.compile or (self.time_conv == "concat" and self.time_input != "none")):
             raise ConfigError("recompute", "needs time_conv 'aligned' and no compile, got "
                                            f"time_conv {self.time_conv!r}{' with compile' if self.compile else ''}")
+        if self.bf16_norms and self.precision != "bf16":
+            raise ConfigError("bf16_norms", f"needs precision 'bf16', got {self.precision!r}")
         if self.solver_impl == "nodekd" and (self.solver != "dopri5" or self.adjoint):
             raise ConfigError("solver_impl", "'nodekd' implements dopri5 with plain backpropagation only, got "
                                              f"solver {self.solver!r}{' with the adjoint method' if self.adjoint else ''}")
@@ -408,7 +427,7 @@ class NeuralODE(nn.Module):
             nn.Conv2d(2 * s, w, 4, 2, 1),
         )
         self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1, cfg.time_conv, cfg.precision, cfg.compile,
-                            cfg.recompute)
+                            cfg.recompute, cfg.bf16_norms)
         self.head_norm = _gn(w)
         self.fc = nn.Linear(w, num_classes)
         self.register_buffer("t_span", torch.tensor([0.0, float(cfg.t1)]), persistent=False)

@@ -32,6 +32,7 @@ def bad_cases(tmp, teacher):
         (["train-student", "--no-kd", "--dataset", "synthetic", "--solver", "rk4", "--solver-impl", "nodekd"],
          "solver_impl"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--recompute", "--time-conv", "concat"], "recompute"),
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--bf16-norms"], "bf16_norms"),
         (["train-student", "--teacher", teacher, "--dataset", "synthetic", "--lam", "1.5"], "lam"),
         (["train-student", "--teacher", teacher, "--dataset", "synthetic", "--T", "0"], "T"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--t1", "0"], "t1"),

@@ -162,16 +162,17 @@ def test_audit_solver_changes_work_on_a_student_trained_with_nodekd():
 
 
 def test_sweep_flags_reach_the_students_config():
-    """--solver-impl and --recompute on a sweep script end up in every student's NODEConfig."""
+    """--solver-impl, --recompute and --bf16-norms on a sweep script end up in every student's NODEConfig."""
     from nodekd_ray.orchestration.entry import settings_from_args, sweep_parser
     from nodekd_ray.sweep import StudentJob, student_config
 
     ap = sweep_parser("t", default_scale="digits")
     job = StudentJob(dataset="digits", t1=10.0)
-    node = student_config(job, settings_from_args(ap.parse_args(["--solver-impl", "nodekd", "--recompute"]))).node
-    assert (node.solver_impl, node.recompute, node.t1) == ("nodekd", True, 10.0)
+    argv = ["--solver-impl", "nodekd", "--recompute", "--precision", "bf16", "--bf16-norms"]
+    node = student_config(job, settings_from_args(ap.parse_args(argv))).node
+    assert (node.solver_impl, node.recompute, node.bf16_norms, node.t1) == ("nodekd", True, True, 10.0)
     node = student_config(job, settings_from_args(ap.parse_args([]))).node
-    assert (node.solver_impl, node.recompute) == ("torchdiffeq", False)
+    assert (node.solver_impl, node.recompute, node.bf16_norms) == ("torchdiffeq", False, False)
 
 
 def test_bench_solver_smoke_runs():

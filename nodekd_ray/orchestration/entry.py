@@ -50,6 +50,9 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     ap.add_argument("--recompute", action="store_true", default=None,
                     help="students recompute f's GroupNorm + ReLU in the backward: about half the activation "
                          "memory per NFE, for one more GroupNorm pass per layer")
+    ap.add_argument("--bf16-norms", action="store_true", default=None,
+                    help="with --precision bf16: students' GroupNorm and ReLU in bf16 too (CUDA's autocast runs "
+                         "GroupNorm in fp32, with a cast on each side)")
     ap.add_argument("--attack-images", type=int, default=None, help="test images attacked (default 1000)")
     ap.add_argument("--data-root", default=os.environ.get("NODEKD_DATA_ROOT", "data"),
                     help="where cifar10/svhn live (default $NODEKD_DATA_ROOT, else data)")
@@ -86,6 +89,8 @@ def settings_from_args(args) -> Settings:
         student["width"] = args.width
     if getattr(args, "precision", None) is not None:
         student["precision"] = args.precision
+    if getattr(args, "bf16_norms", None):
+        student["bf16_norms"] = True
     if getattr(args, "recompute", None):
         student["recompute"] = True
     if getattr(args, "solver_impl", None) is not None:
