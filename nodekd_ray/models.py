@@ -182,8 +182,9 @@ class ODEFunc(nn.Module):
         # stays outside. Measured on an H100 (README, "Measured on one H100"), it is slower, as was
         # compiling whole layers: the step is bound by launches, and each compiled call adds host
         # time (tf32 899 against 1201 training images/s without it, bf16 726 against 1019).
-        gn_relu = _gn_relu_low if bf16_norms else _gn_relu
-        self._gn_relu = torch.compile(gn_relu, dynamic=False) if compile else gn_relu
+        self._gn_relu = _gn_relu_low if bf16_norms else _gn_relu     # bf16_norms: not with compile (validate)
+        if compile:
+            self._gn_relu = torch.compile(_gn_relu, dynamic=False)
         extra = 0 if time_input == "none" else 1
         self.norms = nn.ModuleList(_gn(width) for _ in range(layers))
         self.convs = nn.ModuleList(nn.Conv2d(width + extra, width, 3, 1, 1) for _ in range(layers))
@@ -396,8 +397,9 @@ class NODEConfig:
         if self.recompute and (self.compile or (self.time_conv == "concat" and self.time_input != "none")):
             raise ConfigError("recompute", "needs time_conv 'aligned' and no compile, got "
                                            f"time_conv {self.time_conv!r}{' with compile' if self.compile else ''}")
-        if self.bf16_norms and self.precision != "bf16":
-            raise ConfigError("bf16_norms", f"needs precision 'bf16', got {self.precision!r}")
+        if self.bf16_norms and (self.precision != "bf16" or self.compile):
+            raise ConfigError("bf16_norms", f"needs precision 'bf16' and no compile, got {self.precision!r}"
+                                            f"{' with compile' if self.compile else ''}")
         if self.solver_impl == "nodekd" and (self.solver != "dopri5" or self.adjoint):
             raise ConfigError("solver_impl", "'nodekd' implements dopri5 with plain backpropagation only, got "
                                              f"solver {self.solver!r}{' with the adjoint method' if self.adjoint else ''}")

@@ -280,6 +280,8 @@ def test_recompute_is_checked():
         NODEConfig(recompute=True, compile=True).validate()
     with pytest.raises(ConfigError, match="bf16_norms: needs precision 'bf16'"):
         NODEConfig(bf16_norms=True).validate()
+    with pytest.raises(ConfigError, match="bf16_norms"):
+        NODEConfig(bf16_norms=True, precision="bf16", compile=True).validate()
 
 
 def test_bf16_weight_gradients_of_a_solve_are_summed_in_fp32(monkeypatch):
