@@ -20,6 +20,11 @@ through it, update), for each option in one run:
                          the backward: about half the activation memory per NFE)
     bf16+norms+nodekd    bf16 with f's GroupNorm + ReLU in bf16 too (bf16_norms: none of CUDA autocast's
                          casts around each layer) and solver_impl "nodekd"
+    tf32+triton          tf32 and norm_impl "triton" (nodekd_ray/fused_norm.py: GroupNorm + ReLU in one
+                         Triton kernel each way; on a CPU outside Triton's interpreter, PyTorch's ops run)
+    bf16+triton          bf16 and norm_impl "triton" (no casts around the norms: the kernel reads and
+                         writes bf16, with fp32 statistics)
+    bf16+triton+nodekd   bf16, norm_impl "triton" and solver_impl "nodekd"
 
 For each: training images/s and its ratio to the baseline, forward/backward NFE per step as
 counted by the model, FLOPs per function evaluation per image (counted from the layer shapes),
@@ -59,6 +64,9 @@ OPTIONS = {
     "bf16+nodekd": dict(precision="bf16", solver_impl="nodekd"),
     "tf32+nodekd+recompute": dict(precision="tf32", solver_impl="nodekd", recompute=True),
     "bf16+norms+nodekd": dict(precision="bf16", bf16_norms=True, solver_impl="nodekd"),
+    "tf32+triton": dict(precision="tf32", norm_impl="triton"),
+    "bf16+triton": dict(precision="bf16", norm_impl="triton"),
+    "bf16+triton+nodekd": dict(precision="bf16", norm_impl="triton", solver_impl="nodekd"),
 }
 
 
@@ -163,11 +171,14 @@ def teacher_rate(args, device) -> float:
 
 
 MEMORY_VARIANTS = {   # how the backward pass is made: plain backpropagation (torchdiffeq's dopri5), the same with
-    "backprop": {},   # nodekd's dopri5 and f's GroupNorm + ReLU recomputed, and the adjoint method
-    "nodekd": dict(solver_impl="nodekd"),
+    "backprop": {},   # nodekd's dopri5 and f's GroupNorm + ReLU recomputed, and the adjoint method; at tf32,
+    "nodekd": dict(solver_impl="nodekd"),   # and then at bf16 with PyTorch's norms and with the Triton kernels
     "nodekd+recompute": dict(solver_impl="nodekd", recompute=True),
     "adjoint": dict(adjoint=True),
+    "bf16+nodekd": dict(precision="bf16", solver_impl="nodekd"),
+    "bf16+nodekd+triton": dict(precision="bf16", solver_impl="nodekd", norm_impl="triton"),
 }
+CPU_MEMORY_SKIPPED = ("bf16+nodekd+triton",)   # on a CPU PyTorch's ops stand in for the kernels: not their bytes
 
 
 def memory(args, device, t1: float, variant: dict) -> dict:
@@ -216,7 +227,7 @@ def main():
     ap.add_argument("--memory", nargs="*", type=float, default=None, metavar="T1",
                     help="also measure one training step's memory at these horizons (default 1 100 500), for "
                          "each of MEMORY_VARIANTS: plain backpropagation, with nodekd's dopri5, with it and "
-                         "recompute, and the adjoint method")
+                         "recompute, the adjoint method, and bf16 with PyTorch's or the Triton norms")
     ap.add_argument("--out", help="write the measured rates here (JSON) for --dry-run --costs")
     args = ap.parse_args()
     if args.smoke:
@@ -246,6 +257,8 @@ def main():
         print(f"memory of one training step at batch {args.batch} (fresh weights):")
         for t1 in args.memory or (1.0, 100.0, 500.0):
             for name, variant in MEMORY_VARIANTS.items():
+                if device.type != "cuda" and name in CPU_MEMORY_SKIPPED:
+                    continue
                 m = memory(args, device, t1, variant)
                 print(f"  t1 {t1:>5g}  {name:<16}  NFE {m['nfe_forward']:>4}  {m['gib']:8.3f} GiB {m['what']}")
     t_rate = teacher_rate(args, device)

@@ -43,6 +43,10 @@ OPTIONS = {
     "tf32+recompute": dict(precision="tf32", recompute=True),             # f's backward through _NormReluConv
     "bf16+recompute": dict(precision="bf16", recompute=True),
     "bf16+norms": dict(precision="bf16", bf16_norms=True),               # GroupNorm + ReLU in bf16 too
+    "tf32+triton": dict(precision="tf32", norm_impl="triton"),           # nodekd_ray/fused_norm.py's kernels
+    "bf16+triton": dict(precision="bf16", norm_impl="triton"),
+    "bf16+triton+cl": dict(precision="bf16", norm_impl="triton", channels_last=True),
+    "tf32+triton+recompute": dict(precision="tf32", norm_impl="triton", recompute=True),
 }
 BOUND_F = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
 BOUND_GRAD = {"fp32": 3e-3, "tf32": 5e-2, "bf16": 2e-1}

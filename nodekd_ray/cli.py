@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "about half the activation memory per NFE")
     n.add_argument("--bf16-norms", action="store_true", help="with --precision bf16: f's GroupNorm and ReLU in bf16 "
                                                              "too (CUDA's autocast runs GroupNorm in fp32)")
+    n.add_argument("--norm-impl", default="torch", help="f's GroupNorm + ReLU: torch, or triton (nodekd_ray/"
+                                                        "fused_norm.py: one kernel each way; CUDA only)")
     n.add_argument("--solver-impl", default="torchdiffeq", help="dopri5's implementation: torchdiffeq, or nodekd "
                                                              "(the same steps, fewer device operations; plain "
                                                              "backpropagation only)")
@@ -194,7 +196,8 @@ def cmd_train_student(args) -> None:
                       step_size=args.step_size, adjoint=args.adjoint, time_input=args.time_input,
                       time_conv=args.time_conv, precision=args.precision, channels_last=args.channels_last,
                       compile=args.compile, solver_impl=args.solver_impl,
-                      recompute=args.recompute, bf16_norms=args.bf16_norms)
+                      recompute=args.recompute, bf16_norms=args.bf16_norms,
+                      norm_impl=args.norm_impl)
     cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,
                         **_recipe_kwargs(args)).validate()
     _check_out(args)

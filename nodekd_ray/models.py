@@ -39,6 +39,7 @@ SOLVERS = ADAPTIVE_SOLVERS + FIXED_SOLVERS
 TIME_INPUTS = ("scaled", "raw", "none")
 PRECISIONS = ("fp32", "tf32", "bf16")
 SOLVER_IMPLS = ("torchdiffeq", "nodekd")
+NORM_IMPLS = ("torch", "triton")
 
 
 class Normalize(nn.Module):
@@ -172,7 +173,7 @@ class ODEFunc(nn.Module):
 
     def __init__(self, width: int, layers: int = 4, time_input: str = "raw", t1: float = 1.0,
                  time_conv: str = "aligned", precision: str = "tf32", compile: bool = False,
-                 recompute: bool = False, bf16_norms: bool = False):
+                 recompute: bool = False, bf16_norms: bool = False, norm_impl: str = "torch"):
         super().__init__()
         self.time_input, self.t1, self.time_conv, self.precision = time_input, t1, time_conv, precision
         self.recompute = recompute
@@ -185,6 +186,10 @@ class ODEFunc(nn.Module):
         self._gn_relu = _gn_relu_low if bf16_norms else _gn_relu     # bf16_norms: not with compile (validate)
         if compile:
             self._gn_relu = torch.compile(_gn_relu, dynamic=False)
+        self._fused_norm = None
+        if norm_impl == "triton":   # nodekd_ray/fused_norm.py; not with compile or bf16_norms (validate)
+            from . import fused_norm
+            self._gn_relu, self._fused_norm = fused_norm.gn_relu, fused_norm.group_norm_act
         extra = 0 if time_input == "none" else 1
         self.norms = nn.ModuleList(_gn(width) for _ in range(layers))
         self.convs = nn.ModuleList(nn.Conv2d(width + extra, width, 3, 1, 1) for _ in range(layers))
@@ -198,13 +203,17 @@ class ODEFunc(nn.Module):
         if self.precision == "bf16":
             with torch.autocast(h.device.type, dtype=torch.bfloat16):
                 z = self._layers(t, h)
-            z = z.float()
+            z = z if self._fused_norm else z.float()
         elif h.is_cuda:
             with _cudnn_conv_precision("tf32" if self.precision == "tf32" else "ieee"):
                 z = self._layers(t, h)
         else:
             z = self._layers(t, h)
-        out = self.norm_out(z)
+        if self._fused_norm:   # reads bf16 z directly: no cast kernel; writes the fp32 state
+            n = self.norm_out
+            out = self._fused_norm(z, n.num_groups, n.weight, n.bias, n.eps, relu=False, out_dtype=torch.float32)
+        else:
+            out = self.norm_out(z)
         return _CountBackward.apply(out, self) if torch.is_grad_enabled() else out
 
     @contextlib.contextmanager
@@ -384,6 +393,10 @@ class NODEConfig:
                                   # layer in the backward (time_conv "aligned" only; not with compile)
     bf16_norms: bool = False      # precision bf16 only: f's GroupNorms and ReLUs in bf16 too, not in fp32 as CUDA's
                                   # autocast runs them (no casts around each layer; see _gn_relu_low)
+    norm_impl: str = "torch"      # f's GroupNorm (+ ReLU): "torch" (PyTorch's ops) or "triton" (nodekd_ray/
+                                  # fused_norm.py: one kernel each way, fp32 statistics, output written in the
+                                  # next conv's dtype; CUDA only). The default stays torch's until a GPU has
+                                  # measured the difference
     solver_impl: str = "torchdiffeq"  # "torchdiffeq", or "nodekd": nodekd_ray/dopri5.py, the same dopri5 steps
                                   # with fewer device operations (dopri5 with plain backpropagation only). The
                                   # default stays torchdiffeq's until a GPU has measured the difference
@@ -400,6 +413,14 @@ class NODEConfig:
         if self.bf16_norms and (self.precision != "bf16" or self.compile):
             raise ConfigError("bf16_norms", f"needs precision 'bf16' and no compile, got {self.precision!r}"
                                             f"{' with compile' if self.compile else ''}")
+        check_choice("norm_impl", self.norm_impl, NORM_IMPLS)
+        if self.norm_impl == "triton":
+            from . import fused_norm
+            if self.compile or self.bf16_norms:
+                raise ConfigError("norm_impl", "'triton' replaces compile's and bf16_norms' GroupNorm; use one of them, "
+                                               f"got {'compile' if self.compile else 'bf16_norms'} too")
+            if not fused_norm.available():
+                raise ConfigError("norm_impl", "'triton' needs the triton package (installed with CUDA builds of torch)")
         if self.solver_impl == "nodekd" and (self.solver != "dopri5" or self.adjoint):
             raise ConfigError("solver_impl", "'nodekd' implements dopri5 with plain backpropagation only, got "
                                              f"solver {self.solver!r}{' with the adjoint method' if self.adjoint else ''}")
@@ -429,7 +450,7 @@ class NeuralODE(nn.Module):
             nn.Conv2d(2 * s, w, 4, 2, 1),
         )
         self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1, cfg.time_conv, cfg.precision, cfg.compile,
-                            cfg.recompute, cfg.bf16_norms)
+                            cfg.recompute, cfg.bf16_norms, cfg.norm_impl)
         self.head_norm = _gn(w)
         self.fc = nn.Linear(w, num_classes)
         self.register_buffer("t_span", torch.tensor([0.0, float(cfg.t1)]), persistent=False)

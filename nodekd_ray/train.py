@@ -370,6 +370,11 @@ def train_student(cfg: StudentConfig, *, teacher=None, table=None, data=None, so
     soft_out: a dict that receives the soft-target source as "soft" (to read its teacher_forwards).
     """
     cfg.validate()
+    if cfg.node.norm_impl == "triton" and cfg.torch_device().type != "cuda":
+        from . import fused_norm
+        if not fused_norm.interpreting():
+            raise ConfigError("norm_impl", f"'triton' runs its kernels on a CUDA device; this job runs on "
+                                           f"{cfg.torch_device()} (use norm_impl torch)")
     train, test = data if data is not None else _load(cfg)
     soft = teacher_logits_for(cfg, train, teacher=teacher, table=table)
     if soft_out is not None:

@@ -33,6 +33,9 @@ def bad_cases(tmp, teacher):
          "solver_impl"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--recompute", "--time-conv", "concat"], "recompute"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--bf16-norms"], "bf16_norms"),
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--norm-impl", "cudnn"], "norm_impl"),
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--norm-impl", "triton", "--device", "cpu"],
+         "norm_impl"),   # the Triton kernels run on CUDA devices only
         (["train-student", "--teacher", teacher, "--dataset", "synthetic", "--lam", "1.5"], "lam"),
         (["train-student", "--teacher", teacher, "--dataset", "synthetic", "--T", "0"], "T"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--t1", "0"], "t1"),

@@ -129,13 +129,16 @@ def test_check_gpu_passes_the_real_model_and_fails_a_broken_time_response(monkey
     check_gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check_gpu)
     args = SimpleNamespace(width=32, stem=8, batch=4, t1=1.0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")   # the norm_impl "triton" rows run the kernels (interpreted)
     rows = check_gpu.check(args, torch.device("cpu"), 0)
     assert [r[1] for r in rows] == list(check_gpu.OPTIONS) and all(r[-1] for r in rows)
     assert rows[1][2]["logits"] < 1e-6            # aligned fp32 against fp64
 
+    monkeypatch.delenv("TRITON_INTERPRET")       # below, PyTorch's ops stand in for the kernels (faster)
     real = ODEFunc._aligned_weights
     monkeypatch.setattr(ODEFunc, "_aligned_weights", lambda self, i, conv, h: (
         lambda w, r: (w, 0 * r))(*real(self, i, conv, h)))
     ok = {r[1]: r[-1] for r in check_gpu.check(args, torch.device("cpu"), 0)}
     assert ok == {"fp32-concat": True, "fp32": False, "tf32": False, "bf16": False, "bf16+cl": False,
-                  "tf32+nodekd": False, "tf32+recompute": False, "bf16+recompute": False, "bf16+norms": False}
+                  "tf32+nodekd": False, "tf32+recompute": False, "bf16+recompute": False, "bf16+norms": False,
+                  "tf32+triton": False, "bf16+triton": False, "bf16+triton+cl": False, "tf32+triton+recompute": False}

@@ -150,6 +150,8 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(s3):
     (["--teachers", "resnet21"], "teacher"), (["--temperatures", "0"], "T"), (["--lam", "1.5"], "lam"),
     (["--horizons", "-1"], "horizon"), (["--dataset", "mnist"], "dataset"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent/data", "--smoke-test", "--num-cpus", "2"], "data"),
+    (["--dataset", "digits", "--smoke-test", "--num-cpus", "2", "--norm-impl", "triton", "--gpus-per-trial", "0"],
+     "norm_impl"),   # triton kernels, trials without a GPU: refused once Ray says what the trials get
 ])
 def test_a_bad_grid_is_refused_before_any_trial(tmp_path, args, field):
     store = tmp_path / "never"
@@ -158,7 +160,7 @@ def test_a_bad_grid_is_refused_before_any_trial(tmp_path, args, field):
     assert r.returncode == 2
     lines = [x for x in r.stderr.strip().splitlines() if "table2.py: error:" in x]
     assert len(lines) == 1 and lines[0].startswith(f"table2.py: error: {field}:"), r.stderr
-    if field != "data":  # refused before Ray starts: nothing else on stderr either
+    if field not in ("data", "norm_impl"):  # refused before Ray starts: nothing else on stderr either
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not store.exists()
 

@@ -317,6 +317,10 @@ def _run_sweep(p, staged, specs, settings, storage, sweep_name, resources, resum
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     on_cluster = connect(address, num_cpus, log=log)
     res = resources.request(on_cluster, ray.cluster_resources().get("GPU", 0))
+    if settings.student.get("norm_impl") == "triton" and not res["gpu"]:
+        raise _refused(storage, existed, ConfigError(
+            "norm_impl", "'triton' runs its kernels on GPUs, and this sweep's trials get none (--gpus-per-trial "
+                         "0, or no GPU here); use norm_impl torch"))
     _log_request(res, log)
     t_start = time.perf_counter()
     summary = {"storage": storage.name, "tensorboard": storage.url(storage.path("tensorboard")), "failed": {},

@@ -53,6 +53,9 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     ap.add_argument("--bf16-norms", action="store_true", default=None,
                     help="with --precision bf16: students' GroupNorm and ReLU in bf16 too (CUDA's autocast runs "
                          "GroupNorm in fp32, with a cast on each side)")
+    ap.add_argument("--norm-impl", default=None, choices=("torch", "triton"),
+                    help="students' GroupNorm + ReLU: PyTorch's ops (default), or nodekd_ray/fused_norm.py's "
+                         "Triton kernels (GPUs only: one kernel each way, no casts around it under bf16)")
     ap.add_argument("--attack-images", type=int, default=None, help="test images attacked (default 1000)")
     ap.add_argument("--data-root", default=os.environ.get("NODEKD_DATA_ROOT", "data"),
                     help="where cifar10/svhn live (default $NODEKD_DATA_ROOT, else data)")
@@ -95,6 +98,8 @@ def settings_from_args(args) -> Settings:
         student["recompute"] = True
     if getattr(args, "solver_impl", None) is not None:
         student["solver_impl"] = args.solver_impl
+    if getattr(args, "norm_impl", None) is not None:
+        student["norm_impl"] = args.norm_impl
     if args.attack_images is not None:
         attack_images = args.attack_images
     return Settings(teacher=teacher, student=student, attack_images=attack_images, audit=dict(scale.get("audit", {})))

@@ -1,0 +1,149 @@
+"""nodekd_ray/fused_norm.py: the Triton GroupNorm (+ ReLU) kernels, run here in Triton's interpreter
+(TRITON_INTERPRET=1), against float64 PyTorch; and norm_impl "triton" in the student."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nodekd_ray import fused_norm
+from nodekd_ray.errors import ConfigError
+from nodekd_ray.models import NeuralODE, NODEConfig
+
+pytestmark = pytest.mark.skipif(not fused_norm.available(), reason="triton is not installed")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def reference(x, groups, gamma, beta, relu):
+    """float64 PyTorch: the independent computation."""
+    y = F.group_norm(x.double(), groups, gamma.double(), beta.double(), 1e-5)
+    return F.relu(y) if relu else y
+
+
+def _inputs(seed, shape=(3, 64, 8, 8), channels_last=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3 + 1.5).to(dtype)   # an offset mean: a one-pass variance would lose digits
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gamma = torch.randn(shape[1], generator=g)
+    beta = torch.randn(shape[1], generator=g)
+    return x, gamma, beta, torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("relu", [True, False])
+def test_kernels_match_float64_group_norm_forward_and_backward(interpret, channels_last, relu):
+    x, gamma, beta, w = _inputs(0, channels_last=channels_last)
+    leaves = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+    y = fused_norm.group_norm_act(*leaves[:1], 4, *leaves[1:], 1e-5, relu=relu)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    (y.double() * w).sum().backward()
+    ref_leaves = [t.double().clone().requires_grad_() for t in (x, gamma, beta)]
+    ref = reference(ref_leaves[0], 4, ref_leaves[1], ref_leaves[2], relu)
+    (ref * w).sum().backward()
+    assert (y.double() - ref).abs().max() < 5e-6
+    for got, want in zip(leaves, ref_leaves):
+        err = (got.grad.double() - want.grad).abs().max() / want.grad.abs().max()
+        assert err < 5e-6, err
+    if relu:   # the backward's ReLU mask is the forward's: no gradient reaches x through a zero output
+        assert ((y == 0).sum() > 0) and torch.equal(leaves[0].grad[y == 0] == 0, (ref_leaves[0].grad == 0)[y == 0])
+
+
+def test_group_sizes_that_are_not_powers_of_two_and_odd_shapes(interpret):
+    """24 channels in 3 groups of 8 on a 5 x 7 map (masked lanes in both block dimensions)."""
+    x, gamma, beta, w = _inputs(1, shape=(2, 24, 5, 7))
+    leaves = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+    y = fused_norm.group_norm_act(leaves[0], 3, leaves[1], leaves[2], 1e-5)
+    (y.double() * w).sum().backward()
+    ref_leaves = [t.double().clone().requires_grad_() for t in (x, gamma, beta)]
+    (reference(ref_leaves[0], 3, ref_leaves[1], ref_leaves[2], True) * w).sum().backward()
+    assert (y.double() - reference(x, 3, gamma, beta, True)).abs().max() < 5e-6
+    for got, want in zip(leaves, ref_leaves):
+        assert (got.grad.double() - want.grad).abs().max() / want.grad.abs().max() < 5e-6
+
+
+def test_bf16_input_is_read_as_bf16_and_written_in_the_autocast_dtype_from_fp32_statistics(interpret):
+    x, gamma, beta, _ = _inputs(2, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_norm.group_norm_act(x, 4, gamma, beta, 1e-5)
+    assert y.dtype == torch.bfloat16
+    wide = fused_norm.group_norm_act(x, 4, gamma, beta, 1e-5, out_dtype=torch.float32)
+    assert (wide.double() - reference(x, 4, gamma, beta, True)).abs().max() < 5e-6   # fp32 statistics and affine
+    # The bf16 output is the fp32 result, rounded once. Triton's interpreter rounds fp32 -> bf16 by truncation
+    # (runtime/interpreter.py, cast_impl), where compiled kernels round to nearest (PTX cvt.rn): here it must
+    # be the truncated fp32 value, bit for bit.
+    truncated = (wide.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+    assert torch.equal(y, truncated)
+    # the final norm of f: bf16 in, fp32 out, no ReLU
+    z = fused_norm.group_norm_act(x, 4, gamma, beta, 1e-5, relu=False, out_dtype=torch.float32)
+    assert z.dtype == torch.float32 and (z.double() - reference(x, 4, gamma, beta, False)).abs().max() < 5e-6
+
+
+def test_cpu_tensors_outside_the_interpreter_take_torch_ops_with_the_same_arithmetic(monkeypatch):
+    x, gamma, beta, _ = _inputs(3)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernel = fused_norm.group_norm_act(x, 4, gamma, beta, 1e-5)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    fallback = fused_norm.group_norm_act(x, 4, gamma, beta, 1e-5)
+    assert (kernel - fallback).abs().max() < 5e-6
+
+
+def _student(norm_impl, **kw):
+    torch.manual_seed(0)
+    return NeuralODE(NODEConfig(width=32, stem_channels=8, t1=1.0, rtol=1e-2, atol=1e-2, norm_impl=norm_impl, **kw),
+                     in_channels=3)
+
+
+@pytest.mark.parametrize("kw, tol", [(dict(precision="fp32"), 1e-5),
+                                     (dict(precision="fp32", recompute=True, solver_impl="nodekd"), 1e-5),
+                                     (dict(precision="bf16"), 3e-2)])
+def test_student_with_triton_norms_matches_torch_norms(interpret, kw, tol):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for impl in ("torch", "triton"):
+        m = _student(impl, **kw)
+        logits = m(x)
+        logits.square().sum().backward()
+        outs[impl] = (logits.detach(), m.func.convs[0].weight.grad, m.func.norms[1].weight.grad,
+                      m.func.norm_out.bias.grad, m.nfe_forward)
+    (lt, *gt, nt), (lk, *gk, nk) = outs["torch"], outs["triton"]
+    assert nt == nk
+    assert (lt - lk).abs().max() / lt.abs().max() < tol
+    for a, b in zip(gt, gk):
+        assert (a - b).abs().max() / a.abs().max() < (tol if kw["precision"] == "fp32" else 1e-1)
+
+
+@pytest.mark.parametrize("kw", [dict(norm_impl="cudnn"), dict(norm_impl="triton", compile=True),
+                                dict(norm_impl="triton", precision="bf16", bf16_norms=True)])
+def test_norm_impl_is_checked(kw):
+    with pytest.raises(ConfigError, match="norm_impl"):
+        NODEConfig(**kw).validate()
+
+
+def test_training_with_triton_norms_on_a_cpu_is_refused():
+    from nodekd_ray.train import StudentConfig, train_student
+
+    cfg = StudentConfig(dataset="synthetic", kd=False, device="cpu", node=NODEConfig(width=16, norm_impl="triton"))
+    with pytest.raises(ConfigError, match="norm_impl: 'triton' runs its kernels on a CUDA device"):
+        train_student(cfg)
+
+
+def test_every_norm_of_f_runs_through_the_kernels_and_the_op_count_says_so(interpret):
+    """benchmarks/bench_norm.py's count: with norm_impl "triton" no PyTorch GroupNorm or ReLU is left in an
+    evaluation of f (forward and backward), and each of its 5 norms launches one kernel each way."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_norm", os.path.join(root, "benchmarks", "bench_norm.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.count_f(torch.device("cpu"), "tf32")
+    torch_ops, kernel_ops = rows["torch"][2], rows["triton"][2]
+    assert rows["torch"][1] == 0 and rows["triton"][1] == 10
+    assert torch_ops["native_group_norm"] == torch_ops["native_group_norm_backward"] == 5
+    assert torch_ops["relu"] == torch_ops["threshold_backward"] == 4
+    assert not {"native_group_norm", "native_group_norm_backward", "relu", "threshold_backward"} & set(kernel_ops)
+    assert torch_ops["convolution"] == kernel_ops["convolution"] == 4   # the rest of f is the same
