@@ -147,3 +147,31 @@ def test_every_norm_of_f_runs_through_the_kernels_and_the_op_count_says_so(inter
     assert torch_ops["relu"] == torch_ops["threshold_backward"] == 4
     assert not {"native_group_norm", "native_group_norm_backward", "relu", "threshold_backward"} & set(kernel_ops)
     assert torch_ops["convolution"] == kernel_ops["convolution"] == 4   # the rest of f is the same
+
+
+@pytest.mark.parametrize("dt_in, dt_out", [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")])
+def test_kernels_compile_for_an_h100_without_one(dt_in, dt_out):
+    """The interpreter runs the kernels' Python; this is the compiled path: Triton's own compiler takes both
+    kernels to an sm_90 cubin here (ptxas included; no GPU needed), with the shapes of f at width 512, and a
+    bf16 output is rounded to nearest (cvt.rn), not truncated as the interpreter does."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fwd, bwd = fused_norm._kernels(False)
+    meta = dict(CG=16, BLOCK_C=16, BLOCK_S=64, RELU=True)
+    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    consts = {n: "constexpr" for n in meta}
+    ptrs = dict(gamma_ptr="*fp32", beta_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32")
+    target, opts = GPUTarget("cuda", 90, 32), {"enable_fp_fusion": True}   # as fused_norm launches them
+    f = triton.compile(ASTSource(fwd, {"x_ptr": f"*{dt_in}", "y_ptr": f"*{dt_out}", **ptrs,
+                                       **ints("sxn", "sxc", "sxs", "syn", "syc", "sys_", "G", "HW"), "eps": "fp32",
+                                       **consts}, meta), target=target, options=opts)
+    b = triton.compile(ASTSource(bwd, {"dz_ptr": f"*{dt_out}", "x_ptr": f"*{dt_in}", **ptrs, "dx_ptr": f"*{dt_in}",
+                                       "dgamma_ptr": "*fp32", "dbeta_ptr": "*fp32",
+                                       **ints("szn", "szc", "szs", "sxn", "sxc", "sxs", "sdn", "sdc", "sds", "G", "C",
+                                              "HW"), **consts}, meta), target=target, options=opts)
+    for k in (f, b):
+        assert k.asm["cubin"] and k.metadata.target.arch == 90
+    assert ("cvt.rn.bf16.f32" in f.asm["ptx"]) == (dt_out == "bf16")
+    assert ("cvt.rn.bf16.f32" in b.asm["ptx"]) == (dt_in == "bf16")
