@@ -56,9 +56,10 @@ def _kernels(interpret: bool):
     import triton
     import triton.language as tl
 
-    def gn_fwd(x_ptr, y_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr,
-               sxn, sxc, sxs, syn, syc, sys_, G, HW, eps,
-               CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, RELU: tl.constexpr):
+    def gn_fwd(x_ptr, y_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, t_ptr, r_ptr,
+               sxn, sxc, sxs, syn, syc, sys_, src, srs, G, HW, eps,
+               CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, RELU: tl.constexpr,
+               HAS_T: tl.constexpr):
         pid = tl.program_id(0)
         n = (pid // G).to(tl.int64)
         g = pid % G
@@ -68,6 +69,9 @@ def _kernels(interpret: bool):
         mask = cm[:, None] & (si < HW)[None, :]
         c = g * CG + ci
         x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + si[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_T:   # the previous conv's time term: x + t * response, response (1, C, H, W)
+            r = tl.load(r_ptr + c[:, None] * src + si[None, :] * srs, mask=mask, other=0.0).to(tl.float32)
+            x = x + tl.load(t_ptr).to(tl.float32) * r
         count = CG * HW
         mean = tl.reduce(tl.reduce(x, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine) / count
         d = tl.where(mask, x - mean, 0.0)
@@ -82,9 +86,10 @@ def _kernels(interpret: bool):
         tl.store(mean_ptr + pid, mean)
         tl.store(rstd_ptr + pid, rstd)
 
-    def gn_bwd(dz_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
-               szn, szc, szs, sxn, sxc, sxs, sdn, sdc, sds, G, C, HW,
-               CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, RELU: tl.constexpr):
+    def gn_bwd(dz_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, t_ptr, r_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
+               szn, szc, szs, sxn, sxc, sxs, src, srs, sdn, sdc, sds, G, C, HW,
+               CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, RELU: tl.constexpr,
+               HAS_T: tl.constexpr):
         pid = tl.program_id(0)
         n = (pid // G).to(tl.int64)
         g = pid % G
@@ -94,6 +99,9 @@ def _kernels(interpret: bool):
         mask = cm[:, None] & (si < HW)[None, :]
         c = g * CG + ci
         x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + si[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_T:
+            r = tl.load(r_ptr + c[:, None] * src + si[None, :] * srs, mask=mask, other=0.0).to(tl.float32)
+            x = x + tl.load(t_ptr).to(tl.float32) * r
         dz = tl.load(dz_ptr + n * szn + c[:, None] * szc + si[None, :] * szs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + pid)
         rstd = tl.load(rstd_ptr + pid)
@@ -132,6 +140,16 @@ def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(3)
 
 
+def _time_args(x, tv, r):
+    """(t_ptr, r_ptr): the time term's tensors, or x twice as unused placeholders."""
+    return (x, x) if r is None else (tv, r)
+
+
+def _time_strides(r):
+    """The response's (channel, flattened-pixel) strides; it is broadcast over the batch."""
+    return (0, 0) if r is None else (r.stride(1), r.stride(3))
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == t.shape[3] * t.stride(3) else t.contiguous()
 
@@ -148,24 +166,27 @@ def _launch_args(x: torch.Tensor, groups: int):
 
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, beta, groups: int, eps: float, relu: bool, out_dtype):
+    def forward(ctx, x, gamma, beta, tv, r, groups: int, eps: float, relu: bool, out_dtype):
         x = _flat(x)
+        if r is not None:
+            r = _flat(r)
         interpret, grid, meta = _launch_args(x, groups)
         fwd, _ = _kernels(interpret)
         y = torch.empty_like(x, dtype=out_dtype)     # x's strides (x is dense): NCHW or channels-last
         mean = torch.empty(grid[0], dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         LAUNCHES["forward"] += 1
-        fwd[grid](x, y, gamma, beta, mean, rstd, *_strides(x), *_strides(y), groups, x.shape[2] * x.shape[3],
-                  float(eps), RELU=relu, enable_fp_fusion=True, **meta)
-        ctx.save_for_backward(x, gamma, beta, mean, rstd)
+        fwd[grid](x, y, gamma, beta, mean, rstd, *_time_args(x, tv, r), *_strides(x), *_strides(y), *_time_strides(r),
+                  groups, x.shape[2] * x.shape[3], float(eps), RELU=relu, HAS_T=r is not None,
+                  enable_fp_fusion=True, **meta)
+        ctx.save_for_backward(x, gamma, beta, mean, rstd, tv, r)
         ctx.groups, ctx.relu = groups, relu
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dz):
-        x, gamma, beta, mean, rstd = ctx.saved_tensors
+        x, gamma, beta, mean, rstd, tv, r = ctx.saved_tensors
         dz = _flat(dz)
         interpret, grid, meta = _launch_args(x, ctx.groups)
         _, bwd = _kernels(interpret)
@@ -174,18 +195,27 @@ class _GroupNormAct(torch.autograd.Function):
         partial = torch.empty(2, n, c, dtype=torch.float32, device=x.device)   # per sample: dgamma, dbeta
         dgamma, dbeta = partial[0], partial[1]
         LAUNCHES["backward"] += 1
-        bwd[grid](dz, x, gamma, beta, mean, rstd, dx, dgamma, dbeta, *_strides(dz), *_strides(x), *_strides(dx),
-                  ctx.groups, c, x.shape[2] * x.shape[3], RELU=ctx.relu, enable_fp_fusion=True, **meta)
-        need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
+        bwd[grid](dz, x, gamma, beta, mean, rstd, *_time_args(x, tv, r), dx, dgamma, dbeta, *_strides(dz),
+                  *_strides(x), *_time_strides(r), *_strides(dx), ctx.groups, c, x.shape[2] * x.shape[3],
+                  RELU=ctx.relu, HAS_T=r is not None, enable_fp_fusion=True, **meta)
+        need_x, need_gamma, need_beta, need_t, need_r = ctx.needs_input_grad[:5]
         dgamma, dbeta = partial.sum(1).to(gamma.dtype) if need_gamma or need_beta else (None, None)
+        # the time term's gradients, as autograd's add and mul would give them: the response's summed over
+        # the batch (in fp32, from dx), t's over everything
+        dt = (dx.float() * r).sum().to(tv.dtype) if need_t else None
+        dr = (dx.sum(0, keepdim=True, dtype=torch.float32) * tv.float()).to(r.dtype) if need_r else None
         return (dx if need_x else None, dgamma if need_gamma else None, dbeta if need_beta else None,
-                None, None, None, None)
+                dt, dr, None, None, None, None)
 
 
 def group_norm_act(x: torch.Tensor, groups: int, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
-                   relu: bool = True, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   relu: bool = True, out_dtype: torch.dtype | None = None, time=None) -> torch.Tensor:
     """relu(group_norm(x)) (or group_norm(x) with relu False) with fp32 statistics and affine, written in
-    out_dtype: by default the autocast dtype under autocast, else x's dtype."""
+    out_dtype: by default the autocast dtype under autocast, else x's dtype.
+
+    time: None, or (t, response) with t a 0-d tensor and response (1, C, H, W): the norm is then of
+    x + t * response, added in fp32 inside the kernel (f's time term, models.ODEFunc._aligned_weights):
+    no separate multiply and add over the state, and x + t * response is never stored."""
     if out_dtype is None:
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -195,9 +225,11 @@ def group_norm_act(x: torch.Tensor, groups: int, gamma: torch.Tensor, beta: torc
         # one program, and CPU tensors outside the interpreter (an attack or evaluation of a student
         # trained with norm_impl "triton" on a CPU; train_student refuses to train one there)
         with torch.autocast(x.device.type, enabled=False):
-            y = F.group_norm(x.float(), groups, gamma.float(), beta.float(), eps)
+            xf = x.float() if time is None else x.float() + time[0].float() * time[1].float()
+            y = F.group_norm(xf, groups, gamma.float(), beta.float(), eps)
             return (F.relu(y) if relu else y).to(out_dtype)
-    return _GroupNormAct.apply(x, gamma, beta, groups, eps, relu, out_dtype)
+    tv, r = (None, None) if time is None else time
+    return _GroupNormAct.apply(x, gamma, beta, tv, r, groups, eps, relu, out_dtype)
 
 
 def gn_relu(h, groups: int, gamma, beta, eps: float):

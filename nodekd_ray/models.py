@@ -202,16 +202,17 @@ class ODEFunc(nn.Module):
         self.nfe += 1
         if self.precision == "bf16":
             with torch.autocast(h.device.type, dtype=torch.bfloat16):
-                z = self._layers(t, h)
+                z, time = self._layers(t, h)
             z = z if self._fused_norm else z.float()
         elif h.is_cuda:
             with _cudnn_conv_precision("tf32" if self.precision == "tf32" else "ieee"):
-                z = self._layers(t, h)
+                z, time = self._layers(t, h)
         else:
-            z = self._layers(t, h)
-        if self._fused_norm:   # reads bf16 z directly: no cast kernel; writes the fp32 state
+            z, time = self._layers(t, h)
+        if self._fused_norm:   # reads bf16 z directly (no cast kernel), adds the last conv's time term, writes fp32
             n = self.norm_out
-            out = self._fused_norm(z, n.num_groups, n.weight, n.bias, n.eps, relu=False, out_dtype=torch.float32)
+            out = self._fused_norm(z, n.num_groups, n.weight, n.bias, n.eps, relu=False, out_dtype=torch.float32,
+                                   time=time)
         else:
             out = self.norm_out(z)
         return _CountBackward.apply(out, self) if torch.is_grad_enabled() else out
@@ -230,10 +231,22 @@ class ODEFunc(nn.Module):
             self._solve_cache = None
 
     def _layers(self, t, h):
+        """(the last conv's output, its pending time term): the term is (t, response) when the fused norms
+        add it (norm_impl "triton" with the aligned time conv, not recompute), else None (already added)."""
         if self.time_input != "none":
             tv = t / self.t1 if self.time_input == "scaled" else t
             tt = tv.to(h.dtype).expand(h.shape[0], 1, h.shape[2], h.shape[3])
         recompute = self.recompute and torch.is_grad_enabled()
+        if self._fused_norm and not recompute and self.time_input != "none" and self.time_conv == "aligned":
+            # Each conv's time term t * response is added inside the next norm's kernel, in fp32 and to the
+            # fp32 response (nodekd_ray/fused_norm.py): no multiply and add over the state per layer
+            time = None
+            for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
+                a = self._fused_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps, time=time)
+                w, response = self._aligned_weights(i, conv, h, low_response=False)
+                h = F.conv2d(a, w, conv.bias, 1, 1)
+                time = (tv, response)
+            return h, time
         for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
             gn = (norm.num_groups, norm.weight, norm.bias, norm.eps)
             if recompute:   # time_conv "aligned" or time_input "none" (NODEConfig.validate)
@@ -249,9 +262,9 @@ class ODEFunc(nn.Module):
             else:
                 w, response = self._aligned_weights(i, conv, h)
                 h = _layer(h, gn, w, conv.bias, None, tv, response, self._gn_relu)
-        return h
+        return h, None
 
-    def _aligned_weights(self, i: int, conv: nn.Conv2d, h: torch.Tensor):
+    def _aligned_weights(self, i: int, conv: nn.Conv2d, h: torch.Tensor, low_response: bool = True):
         """The time channel without breaking alignment: conv(cat([h, t * 1])) is conv over h's width
         channels (a shape GPU matrix units handle well: 512 -> 512, not 513 -> 512) plus t times the
         kernel's response to a constant channel of ones. The response is computed with the same
@@ -263,7 +276,8 @@ class ODEFunc(nn.Module):
         the conv runs in) and the response; cached for the solve in progress (solving()). Under
         autocast the low-precision copies are made once per solve, but each evaluation reaches them
         through _SharedCast, so that a solve's gradient contributions are summed in the weight's
-        dtype (fp32), as autocast's per-call casts would sum them, not in bf16."""
+        dtype (fp32), as autocast's per-call casts would sum them, not in bf16. low_response False returns
+        the fp32 response even under autocast (the fused norms add it in fp32)."""
         key = (i, h.shape[2], h.shape[3], torch.get_autocast_dtype(h.device.type)
                if torch.is_autocast_enabled(h.device.type) else h.dtype, torch.is_grad_enabled())
         cache = self._solve_cache
@@ -287,8 +301,9 @@ class ODEFunc(nn.Module):
             return prepared
         main, response, main_low, response_low = prepared
         if not torch.is_grad_enabled():
-            return main_low, response_low
-        return _SharedCast.apply(main, main_low), _SharedCast.apply(response, response_low)
+            return main_low, response_low if low_response else response
+        return (_SharedCast.apply(main, main_low),
+                _SharedCast.apply(response, response_low) if low_response else response)
 
 
 def _gn_relu(h, groups: int, gamma, beta, eps: float):

@@ -6,6 +6,11 @@ import torch
 
 torch.set_num_threads(2)
 
+try:   # before any test sets TRITON_INTERPRET=1 (tests/test_fused_norm.py, test_costs.py): triton fixes its own
+    import triton  # noqa: F401, E402   library functions as interpreted or compiled when first imported
+except ImportError:
+    pass
+
 from nodekd_ray.data import load_dataset  # noqa: E402
 from nodekd_ray.models import NODEConfig  # noqa: E402
 

@@ -136,8 +136,8 @@ def test_check_gpu_passes_the_real_model_and_fails_a_broken_time_response(monkey
 
     monkeypatch.delenv("TRITON_INTERPRET")       # below, PyTorch's ops stand in for the kernels (faster)
     real = ODEFunc._aligned_weights
-    monkeypatch.setattr(ODEFunc, "_aligned_weights", lambda self, i, conv, h: (
-        lambda w, r: (w, 0 * r))(*real(self, i, conv, h)))
+    monkeypatch.setattr(ODEFunc, "_aligned_weights", lambda self, i, conv, h, **kw: (
+        lambda w, r: (w, 0 * r))(*real(self, i, conv, h, **kw)))
     ok = {r[1]: r[-1] for r in check_gpu.check(args, torch.device("cpu"), 0)}
     assert ok == {"fp32-concat": True, "fp32": False, "tf32": False, "bf16": False, "bf16+cl": False,
                   "tf32+nodekd": False, "tf32+recompute": False, "bf16+recompute": False, "bf16+norms": False,

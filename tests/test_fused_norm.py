@@ -51,6 +51,33 @@ def test_kernels_match_float64_group_norm_forward_and_backward(interpret, channe
         assert ((y == 0).sum() > 0) and torch.equal(leaves[0].grad[y == 0] == 0, (ref_leaves[0].grad == 0)[y == 0])
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_time_term_is_added_inside_the_kernels_with_its_gradients(interpret, channels_last):
+    """time=(t, response): the norm of x + t * response (response (1, C, H, W), broadcast over the batch),
+    against float64 PyTorch; gradients for x, gamma, beta, t and the response."""
+    x, gamma, beta, w = _inputs(4, channels_last=channels_last)
+    g = torch.Generator().manual_seed(5)
+    t, r = torch.tensor(0.7), torch.randn(1, 64, 8, 8, generator=g) * 2
+    leaves = [v.clone().requires_grad_() for v in (x, gamma, beta, t, r)]
+    y = fused_norm.group_norm_act(leaves[0], 4, leaves[1], leaves[2], 1e-5, time=(leaves[3], leaves[4]))
+    (y.double() * w).sum().backward()
+    ref_leaves = [v.double().clone().requires_grad_() for v in (x, gamma, beta, t, r)]
+    xt = ref_leaves[0] + ref_leaves[3] * ref_leaves[4]
+    ref = reference(xt, 4, ref_leaves[1], ref_leaves[2], True)
+    (ref * w).sum().backward()
+    assert (y.double() - ref).abs().max() < 5e-6
+    for got, want in zip(leaves, ref_leaves):
+        assert (got.grad.double() - want.grad).abs().max() / want.grad.abs().max() < 5e-6
+    outside = fused_norm.group_norm_act(x + t * r, 4, gamma, beta, 1e-5)   # the same as adding it outside
+    assert (y.detach() - outside).abs().max() < 5e-6
+    monkey = pytest.MonkeyPatch()
+    monkey.delenv("TRITON_INTERPRET")
+    try:   # PyTorch's ops with the same arithmetic, on a CPU outside the interpreter
+        assert (fused_norm.group_norm_act(x, 4, gamma, beta, 1e-5, time=(t, r)) - y.detach()).abs().max() < 5e-6
+    finally:
+        monkey.undo()
+
+
 def test_group_sizes_that_are_not_powers_of_two_and_odd_shapes(interpret):
     """24 channels in 3 groups of 8 on a 5 x 7 map (masked lanes in both block dimensions)."""
     x, gamma, beta, w = _inputs(1, shape=(2, 24, 5, 7))
@@ -150,27 +177,28 @@ def test_every_norm_of_f_runs_through_the_kernels_and_the_op_count_says_so(inter
 
 
 @pytest.mark.parametrize("dt_in, dt_out", [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")])
-def test_kernels_compile_for_an_h100_without_one(dt_in, dt_out):
+@pytest.mark.parametrize("has_t", [False, True])
+def test_kernels_compile_for_an_h100_without_one(dt_in, dt_out, has_t):
     """The interpreter runs the kernels' Python; this is the compiled path: Triton's own compiler takes both
     kernels to an sm_90 cubin here (ptxas included; no GPU needed), with the shapes of f at width 512, and a
     bf16 output is rounded to nearest (cvt.rn), not truncated as the interpreter does."""
+    import inspect
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fwd, bwd = fused_norm._kernels(False)
-    meta = dict(CG=16, BLOCK_C=16, BLOCK_S=64, RELU=True)
-    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
-    consts = {n: "constexpr" for n in meta}
-    ptrs = dict(gamma_ptr="*fp32", beta_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32")
+    meta = dict(CG=16, BLOCK_C=16, BLOCK_S=64, RELU=True, HAS_T=has_t)
+    ptr = dict(x_ptr=dt_in, dx_ptr=dt_in, y_ptr=dt_out, dz_ptr=dt_out)   # every other pointer is fp32
+
+    def signature(kernel):
+        names = inspect.signature(kernel.fn).parameters
+        return {n: "constexpr" if n in meta else f"*{ptr.get(n, 'fp32')}" if n.endswith("_ptr")
+                else "fp32" if n == "eps" else "i32" for n in names}
+
     target, opts = GPUTarget("cuda", 90, 32), {"enable_fp_fusion": True}   # as fused_norm launches them
-    f = triton.compile(ASTSource(fwd, {"x_ptr": f"*{dt_in}", "y_ptr": f"*{dt_out}", **ptrs,
-                                       **ints("sxn", "sxc", "sxs", "syn", "syc", "sys_", "G", "HW"), "eps": "fp32",
-                                       **consts}, meta), target=target, options=opts)
-    b = triton.compile(ASTSource(bwd, {"dz_ptr": f"*{dt_out}", "x_ptr": f"*{dt_in}", **ptrs, "dx_ptr": f"*{dt_in}",
-                                       "dgamma_ptr": "*fp32", "dbeta_ptr": "*fp32",
-                                       **ints("szn", "szc", "szs", "sxn", "sxc", "sxs", "sdn", "sdc", "sds", "G", "C",
-                                              "HW"), **consts}, meta), target=target, options=opts)
+    f, b = (triton.compile(ASTSource(k, signature(k), meta), target=target, options=opts) for k in (fwd, bwd))
     for k in (f, b):
         assert k.asm["cubin"] and k.metadata.target.arch == 90
     assert ("cvt.rn.bf16.f32" in f.asm["ptx"]) == (dt_out == "bf16")
