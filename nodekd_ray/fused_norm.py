@@ -8,14 +8,15 @@ output down before the next conv. torch.compile's fusion of the pair was slower 
 
 Here one program normalises one (sample, group): at the paper's width a group is 16 channels of the
 8 x 8 state, 1024 values, held in registers. The forward reads x in its own dtype (the conv's bf16
-output, or the fp32 state), computes the group's mean and variance in fp32 (two passes over the
-registers, not E[x^2] - E[x]^2), applies gamma and beta in fp32 and the ReLU, and writes the output
-once, in the dtype the next conv runs in: the autocast dtype under autocast, else x's. So there is
-no cast kernel around the norm, and unlike ``bf16_norms`` the statistics and the affine stay fp32.
-The backward recomputes the normalised values and the ReLU's mask from x and the saved per-group
-mean and 1/std (2 floats per group), so nothing else is kept: autograd would keep GroupNorm's input
-and the ReLU's output. dgamma and dbeta are summed per sample in the kernel and over the batch by
-one torch reduction.
+output, or the fp32 state), adds the previous conv's time term t * response in fp32 when given one
+(``time``; ODEFunc's aligned time conv), computes the group's mean and variance in fp32 (two passes
+over the registers, not E[x^2] - E[x]^2), applies gamma and beta in fp32 and the ReLU, and writes
+the output once, in the dtype the next conv runs in: the autocast dtype under autocast, else x's.
+So there is no cast kernel around the norm, no multiply and add for the time term, and unlike
+``bf16_norms`` the statistics and the affine stay fp32. The backward recomputes x + t * response,
+the normalised values and the ReLU's mask from x and the saved per-group mean and 1/std (2 floats
+per group), so nothing else is kept: autograd would keep GroupNorm's input and the ReLU's output.
+dgamma and dbeta are summed per sample in the kernel and over the batch by one torch reduction.
 
 Both memory formats are read through their strides (NCHW and channels-last); a group larger than
 ``MAX_GROUP`` values falls back to PyTorch's ops (never the case in f at the paper's shapes).
