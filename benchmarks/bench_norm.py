@@ -7,8 +7,8 @@ Two measurements, PyTorch's norms (the baseline) against the Triton kernels in t
      that run a kernel on a GPU (views and allocations left out) plus the Triton kernel
      launches. Counts do not depend on width or batch, so a small f on a CPU gives a GPU's counts
      (there the kernels are counted, not run: Triton's interpreter dispatches ATen ops of its own).
-     tf32 only on a CPU: CPU autocast keeps group_norm in bf16, so the casts that CUDA's autocast
-     puts around each norm appear only in the bf16 count taken on a GPU. An ATen GroupNorm launches
+     On a CPU the bf16 count is a lower bound of the difference: CPU autocast keeps group_norm in
+     bf16, so the casts that CUDA's autocast puts around each norm appear only in a GPU's count. An ATen GroupNorm launches
      several CUDA kernels (statistics, fused parameters, the normalisation; more in its backward),
      which only a GPU profile shows (benchmarks/probe_conv.py).
   2. time (a GPU only): GroupNorm + ReLU forward and backward on f's state, (batch, 512, 8, 8):
@@ -144,7 +144,7 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"
     print(f"device: {describe_device(device)}; torch {torch.__version__}")
     print("operations of one f evaluation, forward + backward (ATen ops that launch kernels + Triton launches):")
-    for precision in ("tf32",) + (("bf16",) if device.type == "cuda" else ()):
+    for precision in ("tf32", "bf16"):
         rows = count_f(device, precision)
         (ta, tl_, _), (ka, kl, _) = rows["torch"], rows["triton"]
         print(f"  {precision}: torch {ta} + {tl_}  triton {ka} + {kl}  ({(ka + kl) / (ta + tl_):.2f}x)")
@@ -152,6 +152,9 @@ def main(argv=None):
         extra = {op: a.get(op, 0) - b.get(op, 0) for op in set(a) | set(b)
                  if op not in VIEWS | ALLOCATIONS and a.get(op, 0) != b.get(op, 0)}
         print(f"    ATen ops the kernels replace: {dict(sorted(extra.items()))}")
+        if precision == "bf16" and device.type != "cuda":
+            print("    (CPU autocast keeps group_norm in bf16: on a GPU, PyTorch's count has a cast on each side of "
+                  "every norm more)")
     if device.type != "cuda":
         print("times: on a GPU only")
         return 0

@@ -29,6 +29,7 @@ the kernels can be evaluated and attacked on a CPU; training one there is refuse
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 
 import torch
@@ -141,6 +142,11 @@ def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(3)
 
 
+def _on(x: torch.Tensor):
+    """Triton launches on the current CUDA device, not on the tensors' (cuda:1 from `--device cuda:1`)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _time_args(x, tv, r):
     """(t_ptr, r_ptr): the time term's tensors, or x twice as unused placeholders."""
     return (x, x) if r is None else (tv, r)
@@ -177,9 +183,10 @@ class _GroupNormAct(torch.autograd.Function):
         mean = torch.empty(grid[0], dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         LAUNCHES["forward"] += 1
-        fwd[grid](x, y, gamma, beta, mean, rstd, *_time_args(x, tv, r), *_strides(x), *_strides(y), *_time_strides(r),
-                  groups, x.shape[2] * x.shape[3], float(eps), RELU=relu, HAS_T=r is not None,
-                  enable_fp_fusion=True, **meta)
+        with _on(x):
+            fwd[grid](x, y, gamma, beta, mean, rstd, *_time_args(x, tv, r), *_strides(x), *_strides(y),
+                      *_time_strides(r), groups, x.shape[2] * x.shape[3], float(eps), RELU=relu, HAS_T=r is not None,
+                      enable_fp_fusion=True, **meta)
         ctx.save_for_backward(x, gamma, beta, mean, rstd, tv, r)
         ctx.groups, ctx.relu = groups, relu
         return y
@@ -196,9 +203,10 @@ class _GroupNormAct(torch.autograd.Function):
         partial = torch.empty(2, n, c, dtype=torch.float32, device=x.device)   # per sample: dgamma, dbeta
         dgamma, dbeta = partial[0], partial[1]
         LAUNCHES["backward"] += 1
-        bwd[grid](dz, x, gamma, beta, mean, rstd, *_time_args(x, tv, r), dx, dgamma, dbeta, *_strides(dz),
-                  *_strides(x), *_time_strides(r), *_strides(dx), ctx.groups, c, x.shape[2] * x.shape[3],
-                  RELU=ctx.relu, HAS_T=r is not None, enable_fp_fusion=True, **meta)
+        with _on(x):
+            bwd[grid](dz, x, gamma, beta, mean, rstd, *_time_args(x, tv, r), dx, dgamma, dbeta, *_strides(dz),
+                      *_strides(x), *_time_strides(r), *_strides(dx), ctx.groups, c, x.shape[2] * x.shape[3],
+                      RELU=ctx.relu, HAS_T=r is not None, enable_fp_fusion=True, **meta)
         need_x, need_gamma, need_beta, need_t, need_r = ctx.needs_input_grad[:5]
         dgamma, dbeta = partial.sum(1).to(gamma.dtype) if need_gamma or need_beta else (None, None)
         # the time term's gradients, as autograd's add and mul would give them: the response's summed over
