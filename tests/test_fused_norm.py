@@ -125,6 +125,9 @@ def _student(norm_impl, **kw):
 
 @pytest.mark.parametrize("kw, tol", [(dict(precision="fp32"), 1e-5),
                                      (dict(precision="fp32", recompute=True, solver_impl="nodekd"), 1e-5),
+                                     (dict(precision="fp32", time_conv="concat"), 1e-5),
+                                     (dict(precision="fp32", time_input="none"), 1e-5),
+                                     (dict(precision="fp32", time_input="scaled", channels_last=True), 1e-5),
                                      (dict(precision="bf16"), 3e-2)])
 def test_student_with_triton_norms_matches_torch_norms(interpret, kw, tol):
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
