@@ -8,15 +8,17 @@ output down before the next conv. torch.compile's fusion of the pair was slower 
 
 Here one program normalises one (sample, group): at the paper's width a group is 16 channels of the
 8 x 8 state, 1024 values, held in registers. The forward reads x in its own dtype (the conv's bf16
-output, or the fp32 state), adds the previous conv's time term t * response in fp32 when given one
-(``time``; ODEFunc's aligned time conv), computes the group's mean and variance in fp32 (two passes
+output, or the fp32 state), adds the previous conv's bias and time term t * response in fp32 when
+given them (``bias``, ``time``; ODEFunc's aligned time conv, whose conv then runs without its bias),
+computes the group's mean and variance in fp32 (two passes
 over the registers, not E[x^2] - E[x]^2), applies gamma and beta in fp32 and the ReLU, and writes
 the output once, in the dtype the next conv runs in: the autocast dtype under autocast, else x's.
 So there is no cast kernel around the norm, no multiply and add for the time term, and unlike
 ``bf16_norms`` the statistics and the affine stay fp32. The backward recomputes x + t * response,
 the normalised values and the ReLU's mask from x and the saved per-group mean and 1/std (2 floats
 per group), so nothing else is kept: autograd would keep GroupNorm's input and the ReLU's output.
-dgamma and dbeta are summed per sample in the kernel and over the batch by one torch reduction.
+The parameters' gradients are summed per sample in the kernel; within a solve they are also summed
+over the solve's evaluations in place, and handed to autograd once (SolveGrads).
 
 Both memory formats are read through their strides (NCHW and channels-last); a group larger than
 ``MAX_GROUP`` values falls back to PyTorch's ops (never the case in f at the paper's shapes).
@@ -58,10 +60,10 @@ def _kernels(interpret: bool):
     import triton
     import triton.language as tl
 
-    def gn_fwd(x_ptr, y_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, t_ptr, r_ptr,
+    def gn_fwd(x_ptr, y_ptr, gamma_ptr, beta_ptr, bias_ptr, mean_ptr, rstd_ptr, t_ptr, r_ptr,
                sxn, sxc, sxs, syn, syc, sys_, src, srs, G, HW, eps,
                CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, RELU: tl.constexpr,
-               HAS_T: tl.constexpr):
+               HAS_B: tl.constexpr, HAS_T: tl.constexpr):
         pid = tl.program_id(0)
         n = (pid // G).to(tl.int64)
         g = pid % G
@@ -71,9 +73,12 @@ def _kernels(interpret: bool):
         mask = cm[:, None] & (si < HW)[None, :]
         c = g * CG + ci
         x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + si[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:   # the previous conv's bias
+            x = x + tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32)[:, None]
         if HAS_T:   # the previous conv's time term: x + t * response, response (1, C, H, W)
             r = tl.load(r_ptr + c[:, None] * src + si[None, :] * srs, mask=mask, other=0.0).to(tl.float32)
             x = x + tl.load(t_ptr).to(tl.float32) * r
+        x = tl.where(mask, x, 0.0)
         count = CG * HW
         mean = tl.reduce(tl.reduce(x, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine) / count
         d = tl.where(mask, x - mean, 0.0)
@@ -88,10 +93,10 @@ def _kernels(interpret: bool):
         tl.store(mean_ptr + pid, mean)
         tl.store(rstd_ptr + pid, rstd)
 
-    def gn_bwd(dz_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, t_ptr, r_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
-               szn, szc, szs, sxn, sxc, sxs, src, srs, sdn, sdc, sds, G, C, HW,
+    def gn_bwd(dz_ptr, x_ptr, gamma_ptr, beta_ptr, bias_ptr, mean_ptr, rstd_ptr, t_ptr, r_ptr, dx_ptr, part_ptr,
+               racc_ptr, szn, szc, szs, sxn, sxc, sxs, src, srs, sdn, sdc, sds, G, N, C, HW,
                CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, RELU: tl.constexpr,
-               HAS_T: tl.constexpr):
+               HAS_B: tl.constexpr, HAS_T: tl.constexpr, ACC: tl.constexpr):
         pid = tl.program_id(0)
         n = (pid // G).to(tl.int64)
         g = pid % G
@@ -101,9 +106,12 @@ def _kernels(interpret: bool):
         mask = cm[:, None] & (si < HW)[None, :]
         c = g * CG + ci
         x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + si[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            x = x + tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32)[:, None]
         if HAS_T:
             r = tl.load(r_ptr + c[:, None] * src + si[None, :] * srs, mask=mask, other=0.0).to(tl.float32)
-            x = x + tl.load(t_ptr).to(tl.float32) * r
+            tv = tl.load(t_ptr).to(tl.float32)
+            x = x + tv * r
         dz = tl.load(dz_ptr + n * szn + c[:, None] * szc + si[None, :] * szs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + pid)
         rstd = tl.load(rstd_ptr + pid)
@@ -116,14 +124,31 @@ def _kernels(interpret: bool):
             dy = tl.where(y > 0.0, dz, 0.0)
         else:
             dy = dz
-        tl.store(dgamma_ptr + n * C + c, tl.reduce(dy * xhat, 1, tl.standard._sum_combine), mask=cm)
-        tl.store(dbeta_ptr + n * C + c, tl.reduce(dy, 1, tl.standard._sum_combine), mask=cm)
+        dy = tl.where(mask, dy, 0.0)
         dxhat = dy * gam[:, None]
         count = CG * HW
         m1 = tl.reduce(tl.reduce(dxhat, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine) / count
         m2 = tl.reduce(tl.reduce(dxhat * xhat, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine) / count
-        dx = rstd * (dxhat - m1 - xhat * m2)
+        dx = tl.where(mask, rstd * (dxhat - m1 - xhat * m2), 0.0)
         tl.store(dx_ptr + n * sdn + c[:, None] * sdc + si[None, :] * sds, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        # per-sample parameter gradients, rows of part (3, N, C): gamma, beta, the previous conv's bias.
+        # ACC: added to a solve's running sums (SolveGrads); each (sample, channel) belongs to one program
+        pg = part_ptr + n * C + c
+        dgamma = tl.reduce(dy * xhat, 1, tl.standard._sum_combine)
+        dbeta = tl.reduce(dy, 1, tl.standard._sum_combine)
+        if ACC:
+            dgamma += tl.load(pg, mask=cm, other=0.0)
+            dbeta += tl.load(pg + N * C, mask=cm, other=0.0)
+        tl.store(pg, dgamma, mask=cm)
+        tl.store(pg + N * C, dbeta, mask=cm)
+        if HAS_B:
+            dbias = tl.reduce(dx, 1, tl.standard._sum_combine)
+            if ACC:
+                dbias += tl.load(pg + 2 * N * C, mask=cm, other=0.0)
+            tl.store(pg + 2 * N * C, dbias, mask=cm)
+        if ACC and HAS_T:   # the response's gradient, t * dx, summed over the solve per sample: (N, C, HW)
+            pr = racc_ptr + n * C * HW + c[:, None] * HW + si[None, :]
+            tl.store(pr, tl.load(pr, mask=mask, other=0.0) + tv * dx, mask=mask)
 
     # Sums are written tl.reduce(..., tl.standard._sum_combine), which is what tl.sum does: tl.sum is itself
     # a jit function, fixed as compiled or interpreted when triton is first imported, while these kernels
@@ -171,9 +196,64 @@ def _launch_args(x: torch.Tensor, groups: int):
                                               BLOCK_S=triton.next_power_of_2(h * w))
 
 
+class SolveGrads:
+    """A solve's running sums of one norm's parameter gradients (``group_norm_act(..., acc=...)``).
+
+    Within a solve every evaluation of f uses the same gamma, beta, bias and time response, and plain
+    autograd hands each evaluation's gradient for them back separately: a reduction over the batch and an
+    add into the running gradient, per parameter and per evaluation (about 25 small kernels per evaluation
+    of f). Here the backward kernel adds each evaluation's per-sample gradients into these buffers in
+    place, and ``proxies`` delivers the totals to autograd once, when the solve's backward pass is done
+    with them: one reduction per buffer per solve. Each (sample, channel) belongs to one program of the
+    kernel, so the in-place adds need no atomics and are deterministic.
+
+    part (3, N, C) fp32: gamma, beta and bias gradients per sample; resp (N, C, H*W) fp32: the response's
+    gradient per sample (t * dx, summed over the solve), when the norm adds a time term.
+    """
+
+    def __init__(self, n: int, c: int, hw: int, time: bool, device):
+        self.part = torch.zeros(3, n, c, dtype=torch.float32, device=device)
+        self.resp = torch.zeros(n, c, hw, dtype=torch.float32, device=device) if time else None
+
+    def proxies(self, gamma, beta, bias=None, response=None):
+        """(gamma, beta, bias, response) as seen by this solve's evaluations (bias and response may be None)."""
+        tensors = [t for t in (gamma, beta, bias, response) if t is not None]
+        out = iter(_Deliver.apply(self, *tensors))
+        return tuple(next(out) if t is not None else None for t in (gamma, beta, bias, response))
+
+
+class _Deliver(torch.autograd.Function):
+    """Views of a solve's norm parameters whose backward hands over SolveGrads' sums (plus whatever else
+    reached the views), then clears the sums, so that a second backward pass through the graph sums afresh."""
+
+    @staticmethod
+    def forward(ctx, acc, *tensors):
+        ctx.acc = acc
+        ctx.like = [(t.shape, t.dtype) for t in tensors]
+        ctx.set_materialize_grads(False)
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        acc = ctx.acc
+        sums = acc.part.sum(1)                          # (3, C): gamma, beta, bias
+        totals = [sums[0], sums[1], sums[2]][:min(len(grads), 3)]
+        if len(grads) == 4:
+            totals.append(acc.resp.sum(0))              # (C, H*W): the response's
+        out = []
+        for total, g, (shape, dtype) in zip(totals, grads, ctx.like):
+            total = total.reshape(shape)
+            out.append((total if g is None else total + g.float()).to(dtype))
+        acc.part.zero_()
+        if acc.resp is not None:
+            acc.resp.zero_()
+        return (None, *out)
+
+
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, beta, tv, r, groups: int, eps: float, relu: bool, out_dtype):
+    def forward(ctx, x, gamma, beta, bias, tv, r, acc, groups: int, eps: float, relu: bool, out_dtype):
         x = _flat(x)
         if r is not None:
             r = _flat(r)
@@ -184,47 +264,57 @@ class _GroupNormAct(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         LAUNCHES["forward"] += 1
         with _on(x):
-            fwd[grid](x, y, gamma, beta, mean, rstd, *_time_args(x, tv, r), *_strides(x), *_strides(y),
-                      *_time_strides(r), groups, x.shape[2] * x.shape[3], float(eps), RELU=relu, HAS_T=r is not None,
-                      enable_fp_fusion=True, **meta)
-        ctx.save_for_backward(x, gamma, beta, mean, rstd, tv, r)
-        ctx.groups, ctx.relu = groups, relu
+            fwd[grid](x, y, gamma, beta, x if bias is None else bias, mean, rstd, *_time_args(x, tv, r),
+                      *_strides(x), *_strides(y), *_time_strides(r), groups, x.shape[2] * x.shape[3], float(eps),
+                      RELU=relu, HAS_B=bias is not None, HAS_T=r is not None, enable_fp_fusion=True, **meta)
+        ctx.save_for_backward(x, gamma, beta, bias, mean, rstd, tv, r)
+        ctx.groups, ctx.relu, ctx.acc = groups, relu, acc
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dz):
-        x, gamma, beta, mean, rstd, tv, r = ctx.saved_tensors
+        x, gamma, beta, bias, mean, rstd, tv, r = ctx.saved_tensors
+        acc = ctx.acc
         dz = _flat(dz)
         interpret, grid, meta = _launch_args(x, ctx.groups)
         _, bwd = _kernels(interpret)
         n, c = x.shape[:2]
         dx = torch.empty_like(x)
-        partial = torch.empty(2, n, c, dtype=torch.float32, device=x.device)   # per sample: dgamma, dbeta
-        dgamma, dbeta = partial[0], partial[1]
+        part = acc.part if acc is not None else torch.empty(3, n, c, dtype=torch.float32, device=x.device)
+        racc = acc.resp if acc is not None and acc.resp is not None else x
         LAUNCHES["backward"] += 1
         with _on(x):
-            bwd[grid](dz, x, gamma, beta, mean, rstd, *_time_args(x, tv, r), dx, dgamma, dbeta, *_strides(dz),
-                      *_strides(x), *_time_strides(r), *_strides(dx), ctx.groups, c, x.shape[2] * x.shape[3],
-                      RELU=ctx.relu, HAS_T=r is not None, enable_fp_fusion=True, **meta)
-        need_x, need_gamma, need_beta, need_t, need_r = ctx.needs_input_grad[:5]
-        dgamma, dbeta = partial.sum(1).to(gamma.dtype) if need_gamma or need_beta else (None, None)
-        # the time term's gradients, as autograd's add and mul would give them: the response's summed over
-        # the batch (in fp32, from dx), t's over everything
+            bwd[grid](dz, x, gamma, beta, x if bias is None else bias, mean, rstd, *_time_args(x, tv, r), dx, part,
+                      racc, *_strides(dz), *_strides(x), *_time_strides(r), *_strides(dx), ctx.groups, n, c,
+                      x.shape[2] * x.shape[3], RELU=ctx.relu, HAS_B=bias is not None, HAS_T=r is not None,
+                      ACC=acc is not None, enable_fp_fusion=True, **meta)
+        need_x, need_gamma, need_beta, need_bias, need_t, need_r = ctx.needs_input_grad[:6]
+        # t's gradient (only the adjoint method asks for it) from dx, as autograd's add and mul would give it
         dt = (dx.float() * r).sum().to(tv.dtype) if need_t else None
+        if acc is not None:   # the parameters' gradients are in acc's sums, delivered once per solve
+            return dx if need_x else None, None, None, None, dt, None, None, None, None, None, None
+        sums = part.sum(1) if need_gamma or need_beta or need_bias else (None, None, None)
+        # the response's gradient: dx summed over the batch (in fp32) times t
         dr = (dx.sum(0, keepdim=True, dtype=torch.float32) * tv.float()).to(r.dtype) if need_r else None
-        return (dx if need_x else None, dgamma if need_gamma else None, dbeta if need_beta else None,
-                dt, dr, None, None, None, None)
+        return (dx if need_x else None, sums[0].to(gamma.dtype) if need_gamma else None,
+                sums[1].to(beta.dtype) if need_beta else None, sums[2].to(bias.dtype) if need_bias else None,
+                dt, dr, None, None, None, None, None)
 
 
 def group_norm_act(x: torch.Tensor, groups: int, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
-                   relu: bool = True, out_dtype: torch.dtype | None = None, time=None) -> torch.Tensor:
+                   relu: bool = True, out_dtype: torch.dtype | None = None, time=None, bias=None,
+                   acc: SolveGrads | None = None) -> torch.Tensor:
     """relu(group_norm(x)) (or group_norm(x) with relu False) with fp32 statistics and affine, written in
     out_dtype: by default the autocast dtype under autocast, else x's dtype.
 
-    time: None, or (t, response) with t a 0-d tensor and response (1, C, H, W): the norm is then of
-    x + t * response, added in fp32 inside the kernel (f's time term, models.ODEFunc._aligned_weights):
-    no separate multiply and add over the state, and x + t * response is never stored."""
+    The norm is of x + bias + t * response, added in fp32 inside the kernel, where given: bias (C,) and
+    time = (t, response), t a 0-d tensor and response (1, C, H, W). These are the previous conv's bias and
+    time term (models.ODEFunc's aligned time conv): the conv then runs without its bias, there is no
+    separate add or multiply over the state, and the sum is never stored.
+
+    acc: a SolveGrads whose proxies gamma, beta, bias and response are: their gradients are then summed
+    into it instead of being returned per call."""
     if out_dtype is None:
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -234,11 +324,15 @@ def group_norm_act(x: torch.Tensor, groups: int, gamma: torch.Tensor, beta: torc
         # one program, and CPU tensors outside the interpreter (an attack or evaluation of a student
         # trained with norm_impl "triton" on a CPU; train_student refuses to train one there)
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.float() if time is None else x.float() + time[0].float() * time[1].float()
+            xf = x.float()
+            if bias is not None:
+                xf = xf + bias.float()[:, None, None]
+            if time is not None:
+                xf = xf + time[0].float() * time[1].float()
             y = F.group_norm(xf, groups, gamma.float(), beta.float(), eps)
             return (F.relu(y) if relu else y).to(out_dtype)
     tv, r = (None, None) if time is None else time
-    return _GroupNormAct.apply(x, gamma, beta, tv, r, groups, eps, relu, out_dtype)
+    return _GroupNormAct.apply(x, gamma, beta, bias, tv, r, acc, groups, eps, relu, out_dtype)
 
 
 def gn_relu(h, groups: int, gamma, beta, eps: float):

@@ -186,10 +186,10 @@ class ODEFunc(nn.Module):
         self._gn_relu = _gn_relu_low if bf16_norms else _gn_relu     # bf16_norms: not with compile (validate)
         if compile:
             self._gn_relu = torch.compile(_gn_relu, dynamic=False)
-        self._fused_norm = None
+        self._fused = None
         if norm_impl == "triton":   # nodekd_ray/fused_norm.py; not with compile or bf16_norms (validate)
             from . import fused_norm
-            self._gn_relu, self._fused_norm = fused_norm.gn_relu, fused_norm.group_norm_act
+            self._gn_relu, self._fused = fused_norm.gn_relu, fused_norm
         extra = 0 if time_input == "none" else 1
         self.norms = nn.ModuleList(_gn(width) for _ in range(layers))
         self.convs = nn.ModuleList(nn.Conv2d(width + extra, width, 3, 1, 1) for _ in range(layers))
@@ -202,17 +202,19 @@ class ODEFunc(nn.Module):
         self.nfe += 1
         if self.precision == "bf16":
             with torch.autocast(h.device.type, dtype=torch.bfloat16):
-                z, time = self._layers(t, h)
-            z = z if self._fused_norm else z.float()
+                z, last = self._layers(t, h)
+            z = z if self._fused else z.float()
         elif h.is_cuda:
             with _cudnn_conv_precision("tf32" if self.precision == "tf32" else "ieee"):
-                z, time = self._layers(t, h)
+                z, last = self._layers(t, h)
         else:
-            z, time = self._layers(t, h)
-        if self._fused_norm:   # reads bf16 z directly (no cast kernel), adds the last conv's time term, writes fp32
+            z, last = self._layers(t, h)
+        if self._fused:   # reads bf16 z directly (no cast kernel), adds the last conv's bias and time term, writes fp32
             n = self.norm_out
-            out = self._fused_norm(z, n.num_groups, n.weight, n.bias, n.eps, relu=False, out_dtype=torch.float32,
-                                   time=time)
+            last = dict(last or {})
+            gamma, beta = last.pop("params", (n.weight, n.bias))
+            out = self._fused.group_norm_act(z, n.num_groups, gamma, beta, n.eps, relu=False,
+                                             out_dtype=torch.float32, **last)
         else:
             out = self.norm_out(z)
         return _CountBackward.apply(out, self) if torch.is_grad_enabled() else out
@@ -231,22 +233,35 @@ class ODEFunc(nn.Module):
             self._solve_cache = None
 
     def _layers(self, t, h):
-        """(the last conv's output, its pending time term): the term is (t, response) when the fused norms
-        add it (norm_impl "triton" with the aligned time conv, not recompute), else None (already added)."""
+        """(the last conv's output, what the final norm still has to do): None, or with the fused norms
+        (norm_impl "triton" with the aligned time conv, not recompute) the group_norm_act arguments that add
+        the last conv's bias and time term, and the final norm's parameters ("params")."""
         if self.time_input != "none":
             tv = t / self.t1 if self.time_input == "scaled" else t
             tt = tv.to(h.dtype).expand(h.shape[0], 1, h.shape[2], h.shape[3])
         recompute = self.recompute and torch.is_grad_enabled()
-        if self._fused_norm and not recompute and self.time_input != "none" and self.time_conv == "aligned":
-            # Each conv's time term t * response is added inside the next norm's kernel, in fp32 and to the
-            # fp32 response (nodekd_ray/fused_norm.py): no multiply and add over the state per layer
-            time = None
-            for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
-                a = self._fused_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps, time=time)
+        if self._fused and not recompute and self.time_input != "none" and self.time_conv == "aligned":
+            # Each conv's bias and time term t * response are added inside the next norm's kernel, in fp32
+            # and to the fp32 response (nodekd_ray/fused_norm.py): the conv runs without its bias, and there
+            # is no multiply or add over the state per layer. Within a solve, the norms' parameter gradients
+            # (gamma, beta, the previous conv's bias and response) are summed by the kernels over the solve's
+            # evaluations and handed to autograd once (fused_norm.SolveGrads).
+            solve = self._solve_cache is not None and torch.is_grad_enabled() and \
+                (h.is_cuda or self._fused.interpreting())
+            bias = response = None
+            for i in range(len(self.norms) + 1):
+                norm = self.norms[i] if i < len(self.norms) else self.norm_out
+                gamma, beta, acc = norm.weight, norm.bias, None
+                if solve:
+                    acc, (gamma, beta, bias, response) = self._solve_grads(i, norm, bias, response, h)
+                kw = dict(time=None if response is None else (tv, response), bias=bias, acc=acc)
+                if i == len(self.norms):
+                    return h, dict(kw, params=(gamma, beta))
+                a = self._fused.group_norm_act(h, norm.num_groups, gamma, beta, norm.eps, **kw)
+                conv = self.convs[i]
                 w, response = self._aligned_weights(i, conv, h, low_response=False)
-                h = F.conv2d(a, w, conv.bias, 1, 1)
-                time = (tv, response)
-            return h, time
+                bias = conv.bias
+                h = F.conv2d(a, w, None, 1, 1)
         for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
             gn = (norm.num_groups, norm.weight, norm.bias, norm.eps)
             if recompute:   # time_conv "aligned" or time_input "none" (NODEConfig.validate)
@@ -263,6 +278,17 @@ class ODEFunc(nn.Module):
                 w, response = self._aligned_weights(i, conv, h)
                 h = _layer(h, gn, w, conv.bias, None, tv, response, self._gn_relu)
         return h, None
+
+    def _solve_grads(self, i: int, norm: nn.GroupNorm, bias, response, h: torch.Tensor):
+        """Norm i's SolveGrads and the proxies of its gamma, beta, and the previous conv's bias and response
+        (None for the first norm), made at the solve's first evaluation and kept for the solve."""
+        key = ("grads", i, h.shape[0])
+        entry = self._solve_cache.get(key)
+        if entry is None:
+            acc = self._fused.SolveGrads(h.shape[0], h.shape[1], h.shape[2] * h.shape[3], response is not None,
+                                         h.device)
+            entry = self._solve_cache[key] = (acc, acc.proxies(norm.weight, norm.bias, bias, response))
+        return entry
 
     def _aligned_weights(self, i: int, conv: nn.Conv2d, h: torch.Tensor, low_response: bool = True):
         """The time channel without breaking alignment: conv(cat([h, t * 1])) is conv over h's width

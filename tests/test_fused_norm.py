@@ -118,9 +118,17 @@ def test_cpu_tensors_outside_the_interpreter_take_torch_ops_with_the_same_arithm
 
 
 def _student(norm_impl, **kw):
+    """A small student whose biases and norm affines are moved off their initial 0 and 1, the same for every
+    norm_impl (a bias of 0 would hide a kernel that forgets to add it)."""
     torch.manual_seed(0)
-    return NeuralODE(NODEConfig(width=32, stem_channels=8, t1=1.0, rtol=1e-2, atol=1e-2, norm_impl=norm_impl, **kw),
-                     in_channels=3)
+    m = NeuralODE(NODEConfig(width=32, stem_channels=8, t1=1.0, rtol=1e-2, atol=1e-2, norm_impl=norm_impl, **kw),
+                  in_channels=3)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m
 
 
 @pytest.mark.parametrize("kw, tol", [(dict(precision="fp32"), 1e-5),
@@ -130,19 +138,47 @@ def _student(norm_impl, **kw):
                                      (dict(precision="fp32", time_input="scaled", channels_last=True), 1e-5),
                                      (dict(precision="bf16"), 3e-2)])
 def test_student_with_triton_norms_matches_torch_norms(interpret, kw, tol):
+    """Logits, NFE and every parameter's gradient: f's convs (the time column included), their biases
+    (added inside the next norm's kernel), every norm's gamma and beta, and the stem and head. With
+    the aligned time conv these gradients are summed over the solve by the kernels (SolveGrads)."""
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     outs = {}
     for impl in ("torch", "triton"):
         m = _student(impl, **kw)
         logits = m(x)
         logits.square().sum().backward()
-        outs[impl] = (logits.detach(), m.func.convs[0].weight.grad, m.func.norms[1].weight.grad,
-                      m.func.norm_out.bias.grad, m.nfe_forward)
-    (lt, *gt, nt), (lk, *gk, nk) = outs["torch"], outs["triton"]
+        outs[impl] = (logits.detach(), m.nfe_forward, {k: p.grad for k, p in m.named_parameters()})
+    (lt, nt, gt), (lk, nk, gk) = outs["torch"], outs["triton"]
     assert nt == nk
     assert (lt - lk).abs().max() / lt.abs().max() < tol
-    for a, b in zip(gt, gk):
-        assert (a - b).abs().max() / a.abs().max() < (tol if kw["precision"] == "fp32" else 1e-1)
+    assert gt.keys() == gk.keys() and all(g is not None for g in gk.values())
+    # Each path against float64 (bf16 is far from exact here: the stem's gradient is about 0.3 off fp64 at
+    # this width with 2 images): the kernels must be no worse than PyTorch's ops, and in fp32 near exact
+    ref = _student("torch", **{**kw, "precision": "fp32"}).double()
+    ref(x.double()).square().sum().backward()
+    floor = 2e-5 if kw["precision"] == "fp32" else 1e-3
+    for k, p in ref.named_parameters():
+        err = {impl: float((g[k].double() - p.grad).norm() / p.grad.norm()) for impl, g in (("torch", gt), ("triton", gk))}
+        assert err["triton"] <= 1.25 * err["torch"] + floor, (k, err)
+
+
+def test_summed_gradients_survive_a_second_backward_pass_and_input_only_gradients(interpret):
+    """A graph backpropagated twice (retain_graph) gives the same gradients twice: SolveGrads' sums are
+    cleared when delivered. An attack's gradient with respect to the input alone is the torch path's."""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    m = _student("triton", precision="fp32")
+    loss = m(x).square().sum()
+    loss.backward(retain_graph=True)
+    first = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    loss.backward()
+    for k, p in m.named_parameters():
+        assert torch.allclose(p.grad, first[k], rtol=1e-6, atol=1e-9), k
+    grads = {}
+    for impl in ("torch", "triton"):
+        xi = x.clone().requires_grad_()
+        grads[impl], = torch.autograd.grad(_student(impl, precision="fp32")(xi).square().sum(), xi)
+    assert (grads["torch"] - grads["triton"]).abs().max() / grads["torch"].abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("kw", [dict(norm_impl="cudnn"), dict(norm_impl="triton", compile=True),
@@ -177,11 +213,15 @@ def test_every_norm_of_f_runs_through_the_kernels_and_the_op_count_says_so(inter
     assert torch_ops["relu"] == torch_ops["threshold_backward"] == 4
     assert not {"native_group_norm", "native_group_norm_backward", "relu", "threshold_backward"} & set(kernel_ops)
     assert torch_ops["convolution"] == kernel_ops["convolution"] == 4   # the rest of f is the same
+    # within a solve: no per-evaluation reductions or multiplies for the parameters' gradients and the time
+    # term (SolveGrads), and well under half of PyTorch's operations in all
+    assert "sum" not in kernel_ops and "mul" not in kernel_ops and torch_ops["sum"] == 4
+    assert rows["triton"][0] + rows["triton"][1] < 0.4 * rows["torch"][0]
 
 
 @pytest.mark.parametrize("dt_in, dt_out", [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")])
-@pytest.mark.parametrize("has_t", [False, True])
-def test_kernels_compile_for_an_h100_without_one(dt_in, dt_out, has_t):
+@pytest.mark.parametrize("has_t, acc", [(False, False), (True, False), (True, True)])
+def test_kernels_compile_for_an_h100_without_one(dt_in, dt_out, has_t, acc):
     """The interpreter runs the kernels' Python; this is the compiled path: Triton's own compiler takes both
     kernels to an sm_90 cubin here (ptxas included; no GPU needed), with the shapes of f at width 512, and a
     bf16 output is rounded to nearest (cvt.rn), not truncated as the interpreter does."""
@@ -192,7 +232,7 @@ def test_kernels_compile_for_an_h100_without_one(dt_in, dt_out, has_t):
     from triton.compiler import ASTSource
 
     fwd, bwd = fused_norm._kernels(False)
-    meta = dict(CG=16, BLOCK_C=16, BLOCK_S=64, RELU=True, HAS_T=has_t)
+    meta = dict(CG=16, BLOCK_C=16, BLOCK_S=64, RELU=True, HAS_B=has_t, HAS_T=has_t, ACC=acc)
     ptr = dict(x_ptr=dt_in, dx_ptr=dt_in, y_ptr=dt_out, dz_ptr=dt_out)   # every other pointer is fp32
 
     def signature(kernel):
@@ -200,8 +240,15 @@ def test_kernels_compile_for_an_h100_without_one(dt_in, dt_out, has_t):
         return {n: "constexpr" if n in meta else f"*{ptr.get(n, 'fp32')}" if n.endswith("_ptr")
                 else "fp32" if n == "eps" else "i32" for n in names}
 
+    def constants(kernel):
+        return {n: v for n, v in meta.items() if n in inspect.signature(kernel.fn).parameters}
+
+    for kernel in (fwd, bwd):   # every constexpr of the kernels is given here (none compiled as a runtime int)
+        consts = [n for n, a in inspect.signature(kernel.fn).parameters.items() if "constexpr" in str(a.annotation)]
+        assert consts and set(consts) <= set(meta), consts
+
     target, opts = GPUTarget("cuda", 90, 32), {"enable_fp_fusion": True}   # as fused_norm launches them
-    f, b = (triton.compile(ASTSource(k, signature(k), meta), target=target, options=opts) for k in (fwd, bwd))
+    f, b = (triton.compile(ASTSource(k, signature(k), constants(k)), target=target, options=opts) for k in (fwd, bwd))
     for k in (f, b):
         assert k.asm["cubin"] and k.metadata.target.arch == 90
     assert ("cvt.rn.bf16.f32" in f.asm["ptx"]) == (dt_out == "bf16")
