@@ -132,6 +132,7 @@ def _student(norm_impl, **kw):
 
 
 @pytest.mark.parametrize("kw, tol", [(dict(precision="fp32"), 1e-5),
+                                     (dict(precision="fp32", solver_impl="nodekd"), 1e-5),
                                      (dict(precision="fp32", recompute=True, solver_impl="nodekd"), 1e-5),
                                      (dict(precision="fp32", time_conv="concat"), 1e-5),
                                      (dict(precision="fp32", time_input="none"), 1e-5),
