@@ -221,7 +221,7 @@ def test_every_norm_of_f_runs_through_the_kernels_and_the_op_count_says_so(inter
 
 
 @pytest.mark.parametrize("dt_in, dt_out", [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")])
-@pytest.mark.parametrize("has_t, acc", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("has_t, acc", [(False, False), (False, True), (True, False), (True, True)])
 def test_kernels_compile_for_an_h100_without_one(dt_in, dt_out, has_t, acc):
     """The interpreter runs the kernels' Python; this is the compiled path: Triton's own compiler takes both
     kernels to an sm_90 cubin here (ptxas included; no GPU needed), with the shapes of f at width 512, and a
