@@ -11,8 +11,8 @@ TORCH_PAIR := torch==2.15.0 torchvision==0.29.2
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PAIR)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-cache-dir $(TORCH_PAIR)
+	$(PY) -m pip install -q --no-cache-dir -e '.[test]'
 	$(PY) -c "import torch, torchvision, torchdiffeq, ray, optuna, pyarrow; print('environment ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $@
 

@@ -175,11 +175,18 @@ def test_summed_gradients_survive_a_second_backward_pass_and_input_only_gradient
     loss.backward()
     for k, p in m.named_parameters():
         assert torch.allclose(p.grad, first[k], rtol=1e-6, atol=1e-9), k
-    grads = {}
+    # Each fp32 path against float64, not against each other: torchdiffeq differentiates through its
+    # first step's size, a term built from (f(y0 + h0 f0) - f0) / h0 that rounding in fp32 makes noisy
+    # (here 1.2% of the gradient; either path lands 2e-6 .. 6e-4 off float64 depending on the input),
+    # so two correct fp32 paths can differ by more than either differs from float64.
+    xd = x.double().requires_grad_()
+    exact, = torch.autograd.grad(_student("torch", precision="fp32").double()(xd).square().sum(), xd)
+    err = {}
     for impl in ("torch", "triton"):
         xi = x.clone().requires_grad_()
-        grads[impl], = torch.autograd.grad(_student(impl, precision="fp32")(xi).square().sum(), xi)
-    assert (grads["torch"] - grads["triton"]).abs().max() / grads["torch"].abs().max() < 1e-5
+        g, = torch.autograd.grad(_student(impl, precision="fp32")(xi).square().sum(), xi)
+        err[impl] = float((g.double() - exact).norm() / exact.norm())
+    assert err["triton"] <= 1.25 * err["torch"] + 2e-5, err
 
 
 @pytest.mark.parametrize("kw", [dict(norm_impl="cudnn"), dict(norm_impl="triton", compile=True),
