@@ -136,7 +136,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--smoke", action="store_true", help="batch 2, width 32: the counts on a CPU, quickly")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch, args.width, args.repeats = 2, 32, 3
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not fused_norm.available():
         print("bench_norm.py: triton is not installed", file=sys.stderr)

@@ -46,6 +46,7 @@ OPTIONS = {
     "tf32+triton": dict(precision="tf32", norm_impl="triton"),           # nodekd_ray/fused_norm.py's kernels
     "bf16+triton": dict(precision="bf16", norm_impl="triton"),
     "bf16+triton+cl": dict(precision="bf16", norm_impl="triton", channels_last=True),
+    "bf16+triton+nodekd": dict(precision="bf16", norm_impl="triton", solver_impl="nodekd"),
     "tf32+triton+recompute": dict(precision="tf32", norm_impl="triton", recompute=True),
 }
 BOUND_F = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}

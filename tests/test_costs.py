@@ -141,4 +141,29 @@ def test_check_gpu_passes_the_real_model_and_fails_a_broken_time_response(monkey
     ok = {r[1]: r[-1] for r in check_gpu.check(args, torch.device("cpu"), 0)}
     assert ok == {"fp32-concat": True, "fp32": False, "tf32": False, "bf16": False, "bf16+cl": False,
                   "tf32+nodekd": False, "tf32+recompute": False, "bf16+recompute": False, "bf16+norms": False,
-                  "tf32+triton": False, "bf16+triton": False, "bf16+triton+cl": False, "tf32+triton+recompute": False}
+                  "tf32+triton": False, "bf16+triton": False, "bf16+triton+cl": False, "bf16+triton+nodekd": False,
+                  "tf32+triton+recompute": False}
+
+
+def test_gpu_pending_runs_every_step_and_goes_on_past_a_failed_one(tmp_path):
+    """benchmarks/gpu_pending.sh, the one command a GPU lease runs, at smoke sizes on the CPU: its option
+    names are the scripts' own, each step writes its file as it runs, and a step that fails (check_gpu,
+    made to exit 1 here) is reported in status.txt without stopping the steps after it."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\ncase "$1" in *check_gpu.py) echo "1 checks FAILED"; exit 1;; esac\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_PENDING_SMOKE="1", PYTHONPATH=ROOT)
+    r = subprocess.run(["bash", os.path.join("benchmarks", "gpu_pending.sh"), str(out), str(fake)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    status = (out / "status.txt").read_text()
+    assert "check_gpu: exit 1" in status and "1 checks FAILED" in (out / "check_gpu.txt").read_text()
+    for name in ("bench_student", "bench_norm", "bench_solver"):
+        assert f"{name}: ok" in status, status
+    student = (out / "bench_student.txt").read_text()
+    assert "failed" not in student and "bf16+triton+nodekd" in student   # every option ran
+    assert "operations of one f evaluation" in (out / "bench_norm.txt").read_text()
+    assert "torch " in (out / "env.txt").read_text()
+    assert load_costs([str(out / "rates.json")])["rates"]["student"] > 0
