@@ -37,7 +37,7 @@ study: $(VENV)/.installed      ## the digits study without Ray (3 seeds, ~17 min
 	$(PY) -m nodekd_ray.study --dataset digits --out runs/digits-study
 
 test: $(VENV)/.installed       ## the whole test suite
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(VENV)/.installed      ## performance ratios (see benchmarks/)
 	$(PY) benchmarks/bench_loader.py
