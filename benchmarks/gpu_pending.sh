@@ -2,7 +2,7 @@
 # The GPU measurements still to take for issue 11 (README, "Student speed on a GPU"), in one command
 # sized for a 15-minute device lease: about 5 minutes of work on an H100 (estimated from the step times
 # of the 2026-11-24 runs), each step under its own time limit, so that one that hangs (a Triton compile,
-# say) cannot eat the lease, and the whole under 8 minutes. In order of what the next decision needs:
+# say) cannot eat the lease: 470 s of limits in all. In order of what the next decision needs:
 #   1. check_gpu.py: every option against an fp64 copy on the GPU, --solver-impl nodekd, --recompute,
 #      --bf16-norms and --norm-impl triton included (are they correct under cuDNN, CUDA's autocast and
 #      compiled Triton?). Speed figures of an option that fails here do not count;
