@@ -15,6 +15,7 @@ import yaml
 from nodekd_ray import sweep as S
 from nodekd_ray.devices import LOGICAL_GPUS_ENV, placement_device
 from nodekd_ray.errors import ConfigError
+from test_orchestration import SUBSET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)   # the environment's `ray` command
@@ -71,7 +72,7 @@ def test_sweep_on_a_simulated_autoscaling_gpu_cluster(gpu_cluster, tmp_path):
     env.pop("NODEKD_FAULTS", None)
     cmd = [sys.executable, os.path.join(ROOT, "sweeps", "figure1.py"), "--dataset", "digits", "--smoke-test",
            "--teachers", "resnet20", "--temperatures", "10", "--horizons", "1", "--baseline-horizons", "1",
-           "--epochs", "1", "--attack-images", "16", "--storage", str(store)]
+           "--epochs", "1", "--attack-images", "16", *SUBSET, "--storage", str(store)]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]

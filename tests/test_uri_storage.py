@@ -16,6 +16,7 @@ from nodekd_ray import report as R
 from nodekd_ray import sweep as S
 from nodekd_ray.errors import ConfigError
 from nodekd_ray.storage import Storage
+from test_orchestration import SUBSET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = S.Settings(teacher={"epochs": 2, "batch_size": 64}, student={"epochs": 2, "batch_size": 64, "width": 8,
@@ -180,7 +181,7 @@ def test_a_sweep_on_s3_retries_from_its_s3_checkpoint_and_resumes(s3, tmp_path):
     killed = "node-digits-t1-s0-pgd-eps0-12"
     args = ["--dataset", "digits", "--smoke-test", "--teachers", "resnet20", "--temperatures", "3", "--horizons", "1",
             "--baseline-horizons", "1", "--epochs", "2", "--attack-images", "32", "--address", "local",
-            "--num-cpus", "2", "--storage", uri]
+            "--num-cpus", "2", *SUBSET, "--storage", uri]
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                NODEKD_FAULTS=json.dumps({"raise_in_training": {"key": kd, "epoch": 1},
                                          "kill_attack_write": {"key": killed}}))
@@ -226,7 +227,8 @@ def test_a_sweep_on_s3_retries_from_its_s3_checkpoint_and_resumes(s3, tmp_path):
 def test_the_lambda_T_search_continues_its_study_from_s3(s3, tmp_path):
     uri = s3()
     cmd = [sys.executable, os.path.join(ROOT, "sweeps", "search_lambda_T.py"), "--dataset", "digits", "--smoke-test",
-           "--teacher", "resnet20", "--epochs", "1", "--address", "local", "--num-cpus", "2", "--storage", uri]
+           "--teacher", "resnet20", "--epochs", "1", "--address", "local", "--num-cpus", "2", *SUBSET,
+           "--storage", uri]
     r = subprocess.run(cmd + ["--num-samples", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     st = Storage(uri)

@@ -56,6 +56,12 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     ap.add_argument("--norm-impl", default=None, choices=("torch", "triton"),
                     help="students' GroupNorm + ReLU: PyTorch's ops (default), or nodekd_ray/fused_norm.py's "
                          "Triton kernels (GPUs only: one kernel each way, no casts around it under bf16)")
+    ap.add_argument("--limit-train", type=int, default=None, metavar="N",
+                    help="teachers and students train on the first N training images (default: all; "
+                         "--smoke-test 1024): a quick run, not the paper's")
+    ap.add_argument("--limit-test", type=int, default=None, metavar="N",
+                    help="clean accuracy on the first N test images (default: all; --smoke-test 256); "
+                         "attacks take theirs from --attack-images")
     ap.add_argument("--attack-images", type=int, default=None, help="test images attacked (default 1000)")
     ap.add_argument("--data-root", default=os.environ.get("NODEKD_DATA_ROOT", "data"),
                     help="where cifar10/svhn live (default $NODEKD_DATA_ROOT, else data)")
@@ -88,6 +94,9 @@ def settings_from_args(args) -> Settings:
         d["data_root"], d["download"] = args.data_root, args.download
         if args.epochs is not None:
             d["epochs"] = args.epochs
+        for name in ("limit_train", "limit_test"):
+            if getattr(args, name, None) is not None:
+                d[name] = getattr(args, name)
     if args.width is not None:
         student["width"] = args.width
     if getattr(args, "precision", None) is not None:
