@@ -291,7 +291,8 @@ def test_a_ctrl_c_swallowed_inside_ray_still_stops_the_sweep(tmp_path, monkeypat
     """A KeyboardInterrupt raised inside Ray's start-up can be lost there: the sweep then ran to the
     end with exit 0 (test_ctrl_c_while_starting_is_one_line_and_releases_the_lock, about 1 in 20
     tries). Here connect() swallows it the same way; the sweep must still stop before its next step,
-    release its lock and put the SIGINT handler back."""
+    release its lock and put the SIGINT handler back, also where this process started with SIGINT
+    ignored (a test run that a script put in the background with `&`)."""
     from nodekd_ray.orchestration import driver as D
 
     steps = []
@@ -312,8 +313,13 @@ def test_a_ctrl_c_swallowed_inside_ray_still_stops_the_sweep(tmp_path, monkeypat
     monkeypatch.setattr(D.Resources, "request", request)
     spec = S.SweepSpec("table1", datasets=("digits",), teachers=("resnet20",), baseline_horizons=(1.0,))
     store = tmp_path / "store"
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        D.run_sweep([spec], S.Settings(), str(store), address="local")
-    assert steps == ["swallowed"]
-    assert not (store / "lock.json").exists() and signal.getsignal(signal.SIGINT) is before
+    for start in (signal.default_int_handler, signal.SIG_IGN):
+        before = signal.signal(signal.SIGINT, start)
+        try:
+            steps.clear()
+            with pytest.raises(KeyboardInterrupt):
+                D.run_sweep([spec], S.Settings(), str(store), address="local")
+            assert steps == ["swallowed"], start
+            assert not (store / "lock.json").exists() and signal.getsignal(signal.SIGINT) is start
+        finally:
+            signal.signal(signal.SIGINT, before)

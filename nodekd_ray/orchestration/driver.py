@@ -243,8 +243,11 @@ class CtrlC:
     lock, 2 CPUs) was lost in about 1 of 20 tries, and the sweep ran to the end with exit 0
     (tests/test_integrity_sweep.py::test_ctrl_c_while_starting_is_one_line_and_releases_the_lock
     failed so on 2026-12-01). Python's own handler was installed throughout; the KeyboardInterrupt
-    it raised did not reach the sweep. A SIGINT that is ignored when the sweep starts (nohup, a
-    shell's background job) stays ignored.
+    it raised did not reach the sweep.
+
+    The handler is installed also where the sweep started with SIGINT ignored (a job that a script
+    put in the background with `&` inherits that), as Tune's fit() does: `kill -INT` stops a sweep
+    the same way wherever it runs.
     """
 
     def __init__(self):
@@ -259,9 +262,8 @@ class CtrlC:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._before = signal.getsignal(signal.SIGINT)
-            if self._before is not signal.SIG_IGN:
-                signal.signal(signal.SIGINT, self._on_sigint)
-                self._installed = True
+            signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
         return self
 
     def __exit__(self, *exc):
@@ -320,19 +322,19 @@ def run_sweep(specs, settings: Settings, storage_root: str, *, resources: Resour
     storage.check_writable()
     sweep_name = "+".join(s.name for s in specs)
     existed = storage.isdir(storage.base)
-    lock = StorageLock(storage, f"the {sweep_name} sweep", log=log).acquire()
-    refused = False
-    try:
-        with CtrlC() as ctrl_c:
+    with CtrlC() as ctrl_c:  # before the lock: a Ctrl-C once the lock is taken releases it
+        lock = StorageLock(storage, f"the {sweep_name} sweep", log=log).acquire()
+        refused = False
+        try:
             return _run_sweep(p, staged, specs, settings, storage, sweep_name, resources, resume, address, num_cpus,
                               log, existed, ctrl_c)
-    except ConfigError as e:
-        refused = getattr(e, "before_work", False)
-        raise
-    finally:
-        lock.release()
-        if refused:
-            _remove_new_folder(storage)
+        except ConfigError as e:
+            refused = getattr(e, "before_work", False)
+            raise
+        finally:
+            lock.release()
+            if refused:
+                _remove_new_folder(storage)
 
 
 def _run_sweep(p, staged, specs, settings, storage, sweep_name, resources, resume, address, num_cpus, log,
