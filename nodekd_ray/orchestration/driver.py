@@ -252,7 +252,7 @@ class CtrlC:
 
     def __init__(self):
         self.seen = False
-        self._installed = False
+        self._main = threading.current_thread() is threading.main_thread()   # signal handlers: main thread only
         self._before = None
 
     def _on_sigint(self, sig, frame):
@@ -260,14 +260,13 @@ class CtrlC:
         raise KeyboardInterrupt
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self._main:
             self._before = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._on_sigint)
-            self._installed = True
         return self
 
     def __exit__(self, *exc):
-        if self._installed:
+        if self._main:
             signal.signal(signal.SIGINT, self._before if self._before is not None else signal.default_int_handler)
         return False
 
@@ -661,7 +660,7 @@ def _trial_name(trial) -> str:
     return trial.config["job"]["key"]
 
 
-def _attack_stage(jobs, storage, settings, res, resources, data_refs, failed, log, ctrl_c: CtrlC | None = None) -> dict:
+def _attack_stage(jobs, storage, settings, res, resources, data_refs, failed, log, ctrl_c: CtrlC) -> dict:
     import ray
 
     task = ray.remote(_attack_task).options(num_cpus=res["cpu"], num_gpus=res["gpu"],
@@ -681,8 +680,7 @@ def _attack_stage(jobs, storage, settings, res, resources, data_refs, failed, lo
     done, errors = 0, {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        if ctrl_c is not None:
-            ctrl_c.check()
+        ctrl_c.check()
         job = pending.pop(ready[0])
         try:
             ray.get(ready[0])
