@@ -62,6 +62,7 @@ def gpu_cluster(monkeypatch):
         cluster.shutdown()
 
 
+@pytest.mark.serial   # its cluster ends with `ray stop --force`: every Ray instance on this machine
 def test_sweep_on_a_simulated_autoscaling_gpu_cluster(gpu_cluster, tmp_path):
     """figure1 on digits through the sweep script's own entry point, with no --address: it must
     find and join the running cluster, ask for a GPU per job although no GPU node is up, get GPU

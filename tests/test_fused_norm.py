@@ -163,6 +163,7 @@ def test_student_with_triton_norms_matches_torch_norms(interpret, kw, tol):
         assert err["triton"] <= 1.25 * err["torch"] + floor, (k, err)
 
 
+@pytest.mark.slow
 def test_summed_gradients_survive_a_second_backward_pass_and_input_only_gradients(interpret):
     """A graph backpropagated twice (retain_graph) gives the same gradients twice: SolveGrads' sums are
     cleared when delivered. An attack's gradient with respect to the input alone is the torch path's."""
