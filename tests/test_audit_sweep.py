@@ -2,14 +2,17 @@
 runs as a Ray task into the same hive-partitioned Parquet data set, and the report has audit.md."""
 import os
 
+import pytest
+
 from nodekd_ray import sweep as S
 from nodekd_ray.attacks import AUDIT_ATTACKS, NODE_ONLY
-from test_orchestration import rows, sweep
+from test_orchestration import EPOCH1, rows, sweep
 
 
+@pytest.mark.slow
 def test_audit_sweep_end_to_end(tmp_path):
     store = tmp_path / "store"
-    r = sweep("audit.py", store, "--seeds", "1", "--temperatures", "10")
+    r = sweep("audit.py", store, *EPOCH1, "--seeds", "1", "--temperatures", "10")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     got = rows(store)

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from nodekd_ray import sweep as S
-from test_orchestration import ROOT, attack_files, rows, sweep
+from test_orchestration import EPOCH1, ROOT, attack_files, rows, sweep
 
 MODELS = ("teacher-digits-resnet20-s0", "node-digits-t1-s0", "kd-digits-t1-resnet20-T3-lam0.9-s0")
 
@@ -27,9 +29,14 @@ def verify(store):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_one_sweep_per_folder_and_resume_redoes_every_damaged_result(tmp_path):
+    """Also, on local disk, what test_tiny_grid_end_to_end_with_faults does on S3: the KD student
+    raises after epoch 1 and Tune restores it from its checkpoint in the folder."""
     store = tmp_path / "store"
-    a = sweep("figure1.py", store, "--temperatures", "3", wait=False)
+    teacher, node, kd = MODELS
+    a = sweep("figure1.py", store, "--temperatures", "3", wait=False,
+              faults={"raise_in_training": {"key": kd, "epoch": 1}})
     lock = store / "lock.json"
     deadline = time.time() + 300
     while not lock.exists() and a.poll() is None and time.time() < deadline:
@@ -47,10 +54,12 @@ def test_one_sweep_per_folder_and_resume_redoes_every_damaged_result(tmp_path):
     assert a.returncode == 0, out[-3000:]
     assert not lock.exists()
     assert len(rows(store)) == 36 and verify(store).returncode == 0
+    st = S.Storage(str(store))
+    rec = st.read_record(kd)   # retried from its epoch-1 checkpoint, and finished
+    assert rec["status"] == "done" and rec["attempts"] == 2 and rec["started_from_epoch"] == [0, 1], rec
+    assert [h["epoch"] for h in rec["history"]] == [1, 2]
 
     # damage the finished folder in several ways at once
-    st = S.Storage(str(store))
-    teacher, node, kd = MODELS
     bad_parquet = next(p for p in attack_files(str(store)) if os.path.basename(p).startswith(f"{node}-mifgsm"))
     _truncate(bad_parquet)
     _truncate(st.record(kd))                                   # the KD student's record
@@ -83,10 +92,11 @@ def test_one_sweep_per_folder_and_resume_redoes_every_damaged_result(tmp_path):
         assert x["model_sha256"] == recs[x["model_key"]]["model_sha256"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_the_sweep_in_one_line_and_resume_completes_it(tmp_path):
     store = tmp_path / "store"
     kd = "kd-digits-t1-resnet20-T3-lam0.9-s0"
-    r = sweep("table2.py", store, "--temperatures", "3", "--max-failures", "0",
+    r = sweep("table2.py", store, *EPOCH1, "--temperatures", "3", "--max-failures", "0",
               faults={"disk_full": {"key": f"records/{kd}"}})
     assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
     lines = [x for x in r.stderr.splitlines() if x.startswith("table2.py:")]
@@ -94,7 +104,7 @@ def test_a_full_disk_ends_the_sweep_in_one_line_and_resume_completes_it(tmp_path
     assert "Traceback" not in r.stderr.split(lines[0])[-1]
     st = S.Storage(str(store))
     assert not st.exists(st.path("lock.json"))
-    r = sweep("table2.py", store, "--temperatures", "3", "--resume")
+    r = sweep("table2.py", store, *EPOCH1, "--temperatures", "3", "--resume")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert st.read_record(kd)["status"] == "done" and st.read_record("teacher-digits-resnet20-s0")["attempts"] == 1
 
@@ -119,6 +129,7 @@ def test_ctrl_c_while_starting_is_one_line_and_releases_the_lock(tmp_path):
     assert not (store / "lock.json").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_teachers_train_stops_the_sweep_before_any_student(tmp_path):
     """A Ctrl-C during the teachers' Tune stage ends the sweep there with exit 130, whatever error
     Tune hands back for the teacher it stopped: no student starts, the lock is released."""
@@ -144,13 +155,15 @@ def test_ctrl_c_while_teachers_train_stops_the_sweep_before_any_student(tmp_path
     assert not (store / "lock.json").exists()
 
 
+@pytest.mark.slow
 def test_the_first_ctrl_c_during_attacks_stops_the_sweep_and_resume_finishes_it(tmp_path):
     """After the Tune stages, one Ctrl-C is enough (Tune's handler, left installed by fit(), used to
     swallow the first one); the attack files written so far stay and a rerun writes only the rest."""
     import signal
 
     store = tmp_path / "store"
-    p = sweep("figure1.py", store, "--temperatures", "3", "--attack-images", "256", wait=False)
+    p = sweep("figure1.py", store, *EPOCH1, "--temperatures", "3", "--attack-images", "256",
+              wait=False)
     deadline = time.time() + 600
     while p.poll() is None and time.time() < deadline and not any(
             f.endswith(".parquet") for f in attack_files(str(store))):
@@ -163,7 +176,8 @@ def test_the_first_ctrl_c_during_attacks_stops_the_sweep_and_resume_finishes_it(
     assert not (store / "lock.json").exists()
     written = attack_files(str(store))
     assert written and not any(name.endswith(".tmp") for name in written)
-    r = sweep("figure1.py", store, "--temperatures", "3", "--attack-images", "256", "--resume")
+    r = sweep("figure1.py", store, *EPOCH1, "--temperatures", "3", "--attack-images", "256",
+              "--resume")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     # a task in flight may still land its file as the local Ray instance goes down: at least those
     already = re.search(r"attacks: \d+ written, (\d+) already there, 0 failed", r.stdout)

@@ -1,6 +1,7 @@
 """The Ray layer end to end on a local Ray instance: a tiny grid, injected faults, an interrupted
 and resumed driver, bad grids. Each sweep runs as a user would run it: a sweep script in a
 subprocess (its own local Ray instance, exit code, stdout)."""
+import io
 import json
 import os
 import signal
@@ -20,17 +21,19 @@ SUBSET = ["--limit-train", "256", "--limit-test", "128"]
 TINY = ["--dataset", "digits", "--smoke-test", "--teachers", "resnet20", "--horizons", "1",
         "--baseline-horizons", "1", "--epochs", "2", "--attack-images", "32", "--address", "local",
         "--num-cpus", "2", *SUBSET]
+# for tests that need no second epoch (TINY's 2: a trial retried from its epoch-1 checkpoint finishes at 2)
+EPOCH1 = ["--epochs", "1"]
 
 
-def sweep(script, storage, *extra, faults=None, wait=True):
+def sweep(script, storage, *extra, faults=None, wait=True, cwd=ROOT):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("NODEKD_FAULTS", None)
     if faults:
         env["NODEKD_FAULTS"] = json.dumps(faults)
     cmd = [sys.executable, os.path.join(ROOT, "sweeps", script), *TINY, "--storage", str(storage), *extra]
     if not wait:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
 def rows(storage):
@@ -45,76 +48,93 @@ def attack_files(storage):
     return out
 
 
-def test_tiny_grid_end_to_end_with_faults(tmp_path):
-    """figure1 on digits: teacher, NODE(1), KD students at T=3 and T=10, PGD + MI-FGSM.
+@pytest.mark.slow
+def test_tiny_grid_end_to_end_with_faults(s3, tmp_path):
+    """figure1 on digits into s3:// (Tune's checkpoints, the experiment and every result through the
+    storage's file system, as on a cluster): teacher, NODE(1), KD students at T=3 and T=10, PGD + MI-FGSM.
 
-    Injected: the T=3 student raises after epoch 1 (Tune retries it from its checkpoint); the
-    T=10 student's ODE state turns NaN after epoch 1 (a real ODESolveError: it fails with its
-    reason, the rest finishes); one attack task dies mid-write with no retries left (no partial
-    file; the --resume rerun writes only that file).
+    Injected: the T=3 student raises after epoch 1 (Tune restores it from the checkpoint it synced
+    to S3); the T=10 student's ODE state turns NaN after epoch 1 (a real ODESolveError: it fails with
+    its reason, the rest finishes); one attack task dies mid-write with no retries left (no file
+    under its final name; the --resume rerun removes the partial file and writes only that one).
+    The same retry from a local checkpoint runs in test_integrity_sweep.
     """
-    store = tmp_path / "store"
+    uri = s3()
+    st = S.Storage(uri)
     kd3 = "kd-digits-t1-resnet20-T3-lam0.9-s0"
     kd10 = "kd-digits-t1-resnet20-T10-lam0.9-s0"
     killed = "node-digits-t1-s0-pgd-eps0-12"
     faults = {"raise_in_training": {"key": kd3, "epoch": 1}, "ode_nan": {"key": kd10, "epoch": 1},
               "kill_attack_write": {"key": killed}}
-    r = sweep("figure1.py", store, "--temperatures", "3", "10", "--attack-retries", "0", faults=faults)
+    r = sweep("figure1.py", uri, "--temperatures", "3", "10", "--attack-retries", "0", faults=faults, cwd=tmp_path)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-3000:]
     assert f"FAILED trial {kd10}: ODESolveError" in out and f"FAILED attack {killed}" in out
-    st = S.Storage(str(store))
 
-    # the retried trial resumed from its epoch-1 checkpoint and finished
+    # the retried trial resumed from its epoch-1 checkpoint, kept on S3, and finished
     rec = st.read_record(kd3)
     assert rec["status"] == "done" and rec["attempts"] == 2 and rec["started_from_epoch"] == [0, 1]
     assert [h["epoch"] for h in rec["history"]] == [1, 2]
+    assert st.isdir(st.path("tune", "figure1-students")) and st.exists(st.path("tune", "figure1-students.jobs.json"))
+    ckpts = [p for p in st.files(st.path("tune", "figure1-students", kd3), recursive=True) if p.endswith("state.pt")]
+    assert ckpts, "Tune kept no checkpoint of the retried trial on S3"
+    assert st.files(st.tensorboard(kd3), recursive=True)
+    assert f"TensorBoard: tensorboard --logdir s3://{st.base}/tensorboard" in out
     # the ODE failure is recorded with its reason
     bad = st.read_record(kd10)
     assert bad["status"] == "failed" and "ODESolveError" in bad["error"] and "dopri5 failed" in bad["error"]
     # logits: one table for the one teacher; no student ran a teacher forward or loaded a teacher
-    assert sorted(os.listdir(store / "logits")) == ["teacher-digits-resnet20-s0-paper.json",
-                                                   "teacher-digits-resnet20-s0-paper.npy"]
-    assert np.load(store / "logits" / "teacher-digits-resnet20-s0-paper.npy").shape == (256, 10)   # --limit-train
+    assert sorted(os.path.basename(p) for p in st.files(st.path("logits"))) == [
+        "teacher-digits-resnet20-s0-paper.json", "teacher-digits-resnet20-s0-paper.npy"]
+    table = np.load(io.BytesIO(st.read_bytes(st.logits("teacher-digits-resnet20-s0", "paper"))))
+    assert table.shape == (256, 10)   # --limit-train
     assert all((st.read_record(k)["config"]["limit_train"], st.read_record(k)["config"]["limit_test"]) == (256, 128)
                for k in (kd3, "teacher-digits-resnet20-s0"))
     for key in (kd3, "node-digits-t1-s0"):
         final = st.read_record(key)["final"]
         assert final["teacher_forwards"] == 0 and final["teacher_checkpoint_loads"] == 0
-    # the killed attack left no file under a final name, and everything else is there
-    files = attack_files(str(store))
-    assert not any(os.path.basename(p).startswith(killed) for p in files)
-    got = rows(store)
-    assert len(got) == 3 * 2 * 6 - 4  # 3 good models x 2 attacks x 6 eps, minus the killed chunk (eps 0, 4, 8, 12)
-    assert os.path.exists(store / "report" / "figure1.png") and os.path.exists(store / "report" / "table2.md")
+    # the killed attack left no file under its final name (only a hidden partial one); the rest is there
+    results = st.files(st.path("results"), recursive=True)
+    parquet = [p for p in results if p.endswith(".parquet")]
+    assert len(parquet) == 3 * 2 * 2 - 1 and not any(killed in p for p in parquet)  # 3 models x 2 attacks x 2 chunks
+    assert any(killed in p and os.path.basename(p).startswith(".") for p in results)
+    assert len(rows(uri)) == 3 * 2 * 6 - 4  # 3 good models x 2 attacks x 6 eps, minus the killed chunk (eps 0-12)
+    assert st.read_bytes(st.path("report", "figure1.png"))[:4] == b"\x89PNG" and st.exists(st.path("report", "table2.md"))
+    assert os.listdir(tmp_path) == []  # nothing landed in the working directory
 
     # rerun: only the missing attack file is written; no trial is trained again
-    before = {p: m for p, m in attack_files(str(store)).items() if p.endswith(".parquet")}
+    def mtime(p):
+        return st.fs.get_file_info(p).mtime
+
+    stamps = {p: mtime(p) for p in parquet}
     attempts = {k: st.read_record(k)["attempts"] for k in (kd3, "node-digits-t1-s0", "teacher-digits-resnet20-s0")}
-    r2 = sweep("figure1.py", store, "--temperatures", "3", "10", "--resume")
+    r2 = sweep("figure1.py", uri, "--temperatures", "3", "10", "--resume", cwd=tmp_path)
     assert r2.returncode == 1, (r2.stdout + r2.stderr)[-3000:]  # the NaN trial still fails, and says so
-    after = {p: m for p, m in attack_files(str(store)).items() if p.endswith(".parquet")}
-    new = set(after) - set(before)
-    assert len(new) == 1 and os.path.basename(new.pop()).startswith(killed)
-    assert all(after[p] == m for p, m in before.items())
-    assert {k: st.read_record(k)["attempts"] for k in attempts} == attempts
-    got = rows(store)
-    assert len(got) == 36
+    assert "removed 1 partial file(s)" in r2.stdout
+    after = st.files(st.path("results"), recursive=True)
+    assert len(after) == 12 and set(parquet) < set(after) and not any("/." in p for p in after)
+    assert [p for p in after if p not in parquet][0].endswith(f"/{killed}.parquet")
+    assert all(mtime(p) == before for p, before in stamps.items())  # the others were not rewritten
+    assert {k: st.read_record(k)["attempts"] for k in attempts} == attempts == {
+        kd3: 2, "node-digits-t1-s0": 1, "teacher-digits-resnet20-s0": 1}
+    got = rows(uri)
     keys = [(r["model_key"], r["attack"], r["eps_255"]) for r in got]
-    assert len(set(keys)) == len(keys)  # no duplicate rows
+    assert len(got) == 36 and len(set(keys)) == len(keys)  # no duplicate rows
     for model in ("teacher-digits-resnet20-s0", "node-digits-t1-s0", kd3):
         for attack in ("pgd", "mifgsm"):
             eps = sorted(r["eps_255"] for r in got if r["model_key"] == model and r["attack"] == attack)
             assert eps == [0, 4, 8, 12, 16, 20]
     assert all(0 <= r["robust_accuracy"] <= r["clean_accuracy"] <= 1 and r["n_images"] == 32 for r in got)
-    assert not any(name.endswith(".tmp") for name in attack_files(str(store)))  # stale partial file removed
+    assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_interrupted_driver_resumes_without_rerunning_finished_trials(s3):
     """On S3, the harder path: Tune restores its experiment through the storage's file system. The
     same restore on a local folder runs in test_integrity_sweep (a damaged folder's --resume)."""
     store = s3()
-    p = sweep("table2.py", store, "--temperatures", "3", "10", "20", "--max-concurrent", "1", wait=False)
+    p = sweep("table2.py", store, *EPOCH1, "--temperatures", "3", "10", "20", "--max-concurrent", "1",
+              wait=False)
     st = S.Storage(str(store))
     deadline = time.time() + 600
     first = None
@@ -131,9 +151,9 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(s3):
     kd_done = [r["key"] for r in st.records() if r["kind"] == "node_kd" and r["status"] == "done"]
     assert 1 <= len(kd_done) < 3
     # without --resume the interrupted sweep is refused, with a one-line error and exit 2
-    r = sweep("table2.py", store, "--temperatures", "3", "10", "20")
+    r = sweep("table2.py", store, *EPOCH1, "--temperatures", "3", "10", "20")
     assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = sweep("table2.py", store, "--temperatures", "3", "10", "20", "--resume")
+    r = sweep("table2.py", store, *EPOCH1, "--temperatures", "3", "10", "20", "--resume")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "table2-students: resuming the Tune experiment in " in r.stdout  # restored, not started afresh
     recs = {x["key"]: x for x in st.records()}
@@ -144,7 +164,7 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(s3):
     assert recs["teacher-digits-resnet20-s0"]["attempts"] == 1
     # a grown grid with --resume trains only the new student, in a new Tune experiment
     attempts = {k: x["attempts"] for k, x in recs.items()}
-    r = sweep("table2.py", store, "--temperatures", "3", "10", "20", "5", "--resume")
+    r = sweep("table2.py", store, *EPOCH1, "--temperatures", "3", "10", "20", "5", "--resume")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     recs = {x["key"]: x for x in st.records()}
     new = "kd-digits-t1-resnet20-T5-lam0.9-s0"
@@ -172,6 +192,7 @@ def test_a_bad_grid_is_refused_before_any_trial(tmp_path, args, field):
     assert not store.exists()
 
 
+@pytest.mark.slow
 def test_lambda_T_search_persists_its_optuna_study(tmp_path):
     store = tmp_path / "store"
     base = [sys.executable, os.path.join(ROOT, "sweeps", "search_lambda_T.py"), "--dataset", "digits", "--smoke-test",
@@ -228,6 +249,7 @@ def test_search_schedule_covers_the_whole_run_and_stopped_trials_are_pruned():
     assert searcher._ot_study.best_value == 0.5          # the truncated 0.9 is not a candidate
 
 
+@pytest.mark.slow
 def test_a_failed_logits_task_ends_its_students_at_once(tmp_path):
     store = tmp_path / "store"
     r = sweep("table2.py", store, "--temperatures", "3", "10", "--epochs", "1",

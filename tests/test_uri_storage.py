@@ -1,9 +1,9 @@
 """--storage as a URI: an S3 bucket served by a local moto server (the real S3 protocol, through
 pyarrow's S3 file system, as on a cluster; the s3 fixture is in conftest.py). Ray-free work functions against the same run on local
-disk, the Optuna journal's round trip, bad URIs, and a sweep script end to end on a local Ray
-instance with a trial retried from its S3 checkpoint and an attack killed mid-write."""
+disk, the Optuna journal's round trip, bad URIs, and the lambda/T search continuing its study from S3.
+Sweeps on S3 with a trial retried from its S3 checkpoint, an attack killed mid-write and an interrupted
+driver are in test_orchestration.py."""
 import io
-import json
 import os
 import subprocess
 import sys
@@ -171,59 +171,7 @@ def test_the_optuna_journal_survives_on_s3(s3):
     assert not os.path.exists(_JournalSync(other).local)
 
 
-def test_a_sweep_on_s3_retries_from_its_s3_checkpoint_and_resumes(s3, tmp_path):
-    """figure1 on digits into s3://: teacher, NODE(1) and a KD student, PGD + MI-FGSM. The KD trial
-    raises after epoch 1 and Tune restores it from the checkpoint it synced to S3; an attack dies
-    mid-write; the --resume rerun writes only that file and trains nothing."""
-    uri = s3()
-    st = Storage(uri)
-    kd = "kd-digits-t1-resnet20-T3-lam0.9-s0"
-    killed = "node-digits-t1-s0-pgd-eps0-12"
-    args = ["--dataset", "digits", "--smoke-test", "--teachers", "resnet20", "--temperatures", "3", "--horizons", "1",
-            "--baseline-horizons", "1", "--epochs", "2", "--attack-images", "32", "--address", "local",
-            "--num-cpus", "2", *SUBSET, "--storage", uri]
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               NODEKD_FAULTS=json.dumps({"raise_in_training": {"key": kd, "epoch": 1},
-                                         "kill_attack_write": {"key": killed}}))
-    cmd = [sys.executable, os.path.join(ROOT, "sweeps", "figure1.py"), *args]
-    r = subprocess.run(cmd + ["--attack-retries", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=900)
-    out = r.stdout + r.stderr
-    assert r.returncode == 1 and f"FAILED attack {killed}" in out, out[-3000:]
-    rec = st.read_record(kd)
-    assert rec["status"] == "done" and rec["attempts"] == 2 and rec["started_from_epoch"] == [0, 1]
-    assert st.isdir(st.path("tune", "figure1-students")) and st.exists(st.path("tune", "figure1-students.jobs.json"))
-    ckpts = [p for p in st.files(st.path("tune", "figure1-students", kd), recursive=True) if p.endswith("state.pt")]
-    assert ckpts, "Tune kept no checkpoint of the retried trial on S3"
-    assert st.files(st.tensorboard(kd), recursive=True)
-    assert f"TensorBoard: tensorboard --logdir s3://{st.base}/tensorboard" in out
-    parquet = [p for p in st.files(st.path("results"), recursive=True) if p.endswith(".parquet")]
-    assert len(parquet) == 3 * 2 * 2 - 1 and not any(killed in p for p in parquet)  # 3 models x 2 attacks x 2 chunks
-    assert any(killed in p and os.path.basename(p).startswith(".") for p in st.files(st.path("results"), recursive=True))
-    assert os.listdir(tmp_path) == []  # nothing landed in the working directory
-
-    def mtime(p):
-        return st.fs.get_file_info(p).mtime
-
-    stamps = {p: mtime(p) for p in parquet}
-
-    env.pop("NODEKD_FAULTS")
-    r = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "removed 1 partial file(s)" in r.stdout
-    after = st.files(st.path("results"), recursive=True)
-    assert len(after) == 12 and set(parquet) < set(after) and not any("/." in p for p in after)
-    assert [p for p in after if p not in parquet][0].endswith(f"/{killed}.parquet")
-    assert all(mtime(p) == before for p, before in stamps.items())  # the others were not rewritten
-    assert {k: st.read_record(k)["attempts"] for k in (kd, "node-digits-t1-s0", "teacher-digits-resnet20-s0")} == \
-        {kd: 2, "node-digits-t1-s0": 1, "teacher-digits-resnet20-s0": 1}
-    rows = S.read_attacks(st).to_pylist()
-    keys = [(x["model_key"], x["attack"], x["eps_255"]) for x in rows]
-    assert len(rows) == 36 and len(set(keys)) == 36
-    assert all(0 <= x["robust_accuracy"] <= x["clean_accuracy"] <= 1 and x["n_images"] == 32 for x in rows)
-    assert st.read_bytes(st.path("report", "figure1.png"))[:4] == b"\x89PNG"
-
-
+@pytest.mark.slow
 def test_the_lambda_T_search_continues_its_study_from_s3(s3, tmp_path):
     uri = s3()
     cmd = [sys.executable, os.path.join(ROOT, "sweeps", "search_lambda_T.py"), "--dataset", "digits", "--smoke-test",
