@@ -37,13 +37,15 @@ study: $(VENV)/.installed      ## the digits study without Ray (3 seeds, ~17 min
 	$(PY) -m nodekd_ray.study --dataset digits --out runs/digits-study
 
 # The suite in two pytest-xdist workers (the Ray end-to-end tests leave about a quarter of 2 cores idle:
-# process starts, Ray's own waits), slow tests first; then, alone, the tests marked serial: Ray's
-# simulated cluster ends with `ray stop --force`, which would kill the other worker's Ray instance.
-# Both parts always run; the exit status is non-zero if either failed.
+# process starts, Ray's own waits), slow tests first and handed out one at a time (--maxschedchunk 1:
+# xdist's default first hand-out, a quarter of each worker's share in a row, gave every slow test to one
+# worker); then, alone, the tests marked serial: Ray's simulated cluster ends with `ray stop --force`,
+# which would kill the other worker's Ray instance. Both parts always run; the exit status is non-zero
+# if either failed.
 PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed       ## the whole test suite
 	@rc=0; \
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not serial" --durations=15 tests || rc=$$?; \
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --maxschedchunk 1 -m "not serial" --durations=15 tests || rc=$$?; \
 	$(PY) -m pytest -q -m serial --durations=3 tests || rc=$$?; \
 	exit $$rc
 

@@ -122,12 +122,10 @@ def test_check_gpu_passes_the_real_model_and_fails_a_broken_time_response(monkey
     # the kernels themselves (interpreted: about 10 s a row here) in the two rows that combine the most:
     # bf16 with nodekd's dopri5, and recompute. tests/test_fused_norm.py runs them in the student with
     # each option against PyTorch's norms and float64
-    full = dict(check_gpu.OPTIONS)
-    monkeypatch.setattr(check_gpu, "OPTIONS", {k: full[k] for k in ("bf16+triton+nodekd", "tf32+triton+recompute")})
     with monkeypatch.context() as m:
+        m.setattr(check_gpu, "OPTIONS", {k: check_gpu.OPTIONS[k] for k in ("bf16+triton+nodekd", "tf32+triton+recompute")})
         m.setenv("TRITON_INTERPRET", "1")
         assert all(r[-1] for r in check_gpu.check(args, torch.device("cpu"), 0))
-    monkeypatch.setattr(check_gpu, "OPTIONS", full)
 
     real = ODEFunc._aligned_weights
     monkeypatch.setattr(ODEFunc, "_aligned_weights", lambda self, i, conv, h, **kw: (
