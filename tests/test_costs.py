@@ -150,7 +150,7 @@ def test_gpu_pending_runs_every_step_and_goes_on_past_a_failed_one(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, GPU_PENDING_SMOKE="1", PYTHONPATH=ROOT)
     r = subprocess.run(["bash", os.path.join("benchmarks", "gpu_pending.sh"), str(out), str(fake)], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=900)
+                       env=env, capture_output=True, text=True, timeout=2100)   # the smoke run's 4 x 470 s of limits
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     status = (out / "status.txt").read_text()
     assert "check_gpu: exit 1" in status and "1 checks FAILED" in (out / "check_gpu.txt").read_text()
