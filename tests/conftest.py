@@ -6,11 +6,12 @@ import pytest
 # `make test` runs the suite in two pytest-xdist workers on the 2-core machine (Makefile): one thread per
 # worker then, for its own torch ops and, through OMP_NUM_THREADS, every process it starts (sweep drivers,
 # their Ray workers, benchmark scripts); two threads per worker would oversubscribe the cores.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+IN_XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if IN_XDIST_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+torch.set_num_threads(1 if IN_XDIST_WORKER else 2)
 
 try:   # before any test sets TRITON_INTERPRET=1 (tests/test_fused_norm.py, test_costs.py): triton fixes its own
     import triton  # noqa: F401, E402   library functions as interpreted or compiled when first imported
@@ -64,7 +65,7 @@ def s3():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked slow (a sweep script end to end, a benchmark script: 30 s to 2.5 min each) run first,
+    """Tests marked slow (a sweep script end to end, a benchmark script: 30 s to 3.5 min each under two workers) run first,
     so that under `pytest -n 2` (make test) neither worker is left with one of them at the end while the
     other idles. The order is deterministic, as xdist requires of every worker's collection."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
