@@ -135,6 +135,35 @@ def test_connect_never_falls_back_to_a_local_instance(monkeypatch):
     assert real_lookup() == "10.9.9.9:6379"
 
 
+def test_address_local_starts_its_own_instance_beside_a_ray_start_address_file(tmp_path):
+    """`--address local` (what the tests and a user beside a cluster pass) starts a local instance even
+    when /tmp/ray/ray_current_cluster names a cluster, live or left behind by a killed `ray start`.
+    Given address=None, ray.init joins that cluster and refuses num_cpus: a CI machine that had run the
+    simulated cluster before failed 12 sweeps this way ("When connecting to an existing cluster,
+    num_cpus and num_gpus must not be provided")."""
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")   # short: Ray's socket paths live under it
+    try:
+        os.makedirs(os.path.join(tmp, "ray"))
+        with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write("192.0.2.2:6379")   # TEST-NET: nothing answers there
+        env = dict(os.environ, RAY_TMPDIR=tmp)
+        env.pop("RAY_ADDRESS", None)
+        code = ("from nodekd_ray.orchestration.driver import connect, running_cluster\n"
+                "print('found', running_cluster())\n"
+                "print('joined', connect('local', num_cpus=1))\n")
+        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=180)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-3000:]
+        assert "found 192.0.2.2:6379" in out                       # the file is what Ray reads
+        assert "started a local Ray instance: 1 node(s), 1 CPUs" in out and "joined False" in out, out[-3000:]
+        assert "Connecting to existing Ray cluster" not in out
+    finally:
+        subprocess.run(["rm", "-rf", tmp])
+
+
 def test_gpu_requests_default_to_one_on_a_cluster():
     from nodekd_ray.orchestration import Resources
 

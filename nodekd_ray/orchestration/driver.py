@@ -193,8 +193,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print) 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     kw = {"runtime_env": {"env_vars": env}} if env else {}
     target = None if address == "local" else (address or running_cluster())
-    if target is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kw)
+    if target is None:   # "local", not None: given None, ray.init joins the cluster a `ray start` left in
+        # /tmp/ray/ray_current_cluster (a stale one too) and refuses num_cpus there
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kw)
         log(f"started a local Ray instance: {_resources_line()}")
         _JOINED = False
         return False
