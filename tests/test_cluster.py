@@ -124,6 +124,7 @@ def test_connect_never_falls_back_to_a_local_instance(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(driver, "_unreachable", lambda target: None)   # as if its GCS port answered
     for address, found in (("10.1.2.3:6379", None), (None, "10.1.2.3:6379")):
         calls.clear()
         monkeypatch.setattr(driver, "running_cluster", lambda: found)
@@ -162,6 +163,38 @@ def test_address_local_starts_its_own_instance_beside_a_ray_start_address_file(t
         assert "Connecting to existing Ray cluster" not in out
     finally:
         subprocess.run(["rm", "-rf", tmp])
+
+
+def test_a_cluster_address_where_nothing_answers_is_refused_in_seconds(monkeypatch):
+    """A stale /tmp/ray/ray_current_cluster (its `ray start` killed, not stopped) or a wrong --address:
+    ray.init waits on a GCS that is gone for more than 10 minutes; the driver's probe refuses it at once."""
+    import socket
+
+    from nodekd_ray.orchestration import driver
+
+    with socket.socket() as s:   # a port of this machine that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = f"127.0.0.1:{port}"
+    assert driver._unreachable(dead).startswith("nothing answers there (Connection refused")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert driver._unreachable(f"127.0.0.1:{s.getsockname()[1]}") is None
+    assert driver._unreachable("auto") is None                      # not host:port: Ray's to resolve
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init was called"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for address, found, names in ((None, dead, "ray_current_cluster, which a `ray start`"),
+                                  (dead, None, "is it running? --address local")):
+        monkeypatch.setattr(driver, "running_cluster", lambda: found)
+        with pytest.raises(ConfigError) as e:
+            driver.connect(address, log=lambda *a: None)
+        msg = str(e.value)
+        assert msg.startswith(f"address: cannot join the Ray cluster at {dead}: nothing answers there") and names in msg
+        assert "\n" not in msg
 
 
 def test_gpu_requests_default_to_one_on_a_cluster():

@@ -178,6 +178,23 @@ def running_cluster() -> str | None:
 
 
 _JOINED = False   # whether this process's Ray connection is to a cluster (set by connect)
+PROBE_TIMEOUT_S = 5.0
+
+
+def _unreachable(target: str) -> str | None:
+    """Why nothing answers at a cluster address (a TCP connect to its GCS port), or None when something
+    does or the address is not host:port. ray.init waits for a GCS that is gone for minutes (more than 10
+    for one named by a stale /tmp/ray/ray_current_cluster, measured), so this is asked first."""
+    import socket
+
+    host, sep, port = target.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"nothing answers there ({e.strerror or type(e).__name__})"
+    return None
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, log=print) -> bool:
@@ -199,12 +216,20 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print) 
         log(f"started a local Ray instance: {_resources_line()}")
         _JOINED = False
         return False
+    hint = "is it running? --address local starts a fresh local instance instead"
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        from ray._private.utils import get_ray_address_file
+
+        hint = (f"it is named in {get_ray_address_file(None)}, which a `ray start` on this machine wrote; if that "
+                "cluster is gone, `ray stop` clears it, or --address local starts a fresh local instance")
+    why = _unreachable(target)
     try:  # a cluster found here is joined as "auto": only then does Ray 2.60 use the token `ray start` wrote
-        ray.init(address=address or "auto", **kw)
+        if why is None:
+            ray.init(address=address or "auto", **kw)
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError, gRPC errors
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ConfigError("address", f"cannot join the Ray cluster at {target}: {why} (is it running? "
-                                     "--address local starts a fresh local instance instead)") from None
+    if why is not None:
+        raise ConfigError("address", f"cannot join the Ray cluster at {target}: {why} ({hint})")
     log(f"joined the Ray cluster at {target}: {_resources_line()}")
     _JOINED = True
     return True
