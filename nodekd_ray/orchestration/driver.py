@@ -274,26 +274,40 @@ class CtrlC:
     The handler is installed also where the sweep started with SIGINT ignored (a job that a script
     put in the background with `&` inherits that), as Tune's fit() does: `kill -INT` stops a sweep
     the same way wherever it runs.
+
+    Where Python swallows the KeyboardInterrupt (it landed in a finalizer or a weakref callback), it
+    prints "Exception ignored in ..." and a traceback; the sweep's hook for those drops them, as the
+    Ctrl-C is remembered here and ends the sweep in one line (a fresh-clone CI run printed one while
+    the local Ray instance started: "File "<string>", line 0 ... in _on_sigint"). Every other
+    unraisable exception goes to the hook that was there before.
     """
 
     def __init__(self):
         self.seen = False
         self._main = threading.current_thread() is threading.main_thread()   # signal handlers: main thread only
         self._before = None
+        self._hook_before = None
 
     def _on_sigint(self, sig, frame):
         self.seen = True
         raise KeyboardInterrupt
 
+    def _unraisable(self, unraisable):
+        if self.seen and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        (self._hook_before or sys.__unraisablehook__)(unraisable)
+
     def __enter__(self):
         if self._main:
             self._before = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._on_sigint)
+            self._hook_before, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def __exit__(self, *exc):
         if self._main:
             signal.signal(signal.SIGINT, self._before if self._before is not None else signal.default_int_handler)
+            sys.unraisablehook = self._hook_before
         return False
 
     def check(self) -> None:
