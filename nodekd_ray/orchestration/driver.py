@@ -223,11 +223,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print) 
         hint = (f"it is named in {get_ray_address_file(None)}, which a `ray start` on this machine wrote; if that "
                 "cluster is gone, `ray stop` clears it, or --address local starts a fresh local instance")
     why = _unreachable(target)
-    try:  # a cluster found here is joined as "auto": only then does Ray 2.60 use the token `ray start` wrote
-        if why is None:
+    if why is None:
+        try:  # a cluster found here is joined as "auto": only then does Ray 2.60 use the token `ray start` wrote
             ray.init(address=address or "auto", **kw)
-    except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError, gRPC errors
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError, gRPC errors
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     if why is not None:
         raise ConfigError("address", f"cannot join the Ray cluster at {target}: {why} ({hint})")
     log(f"joined the Ray cluster at {target}: {_resources_line()}")
