@@ -124,12 +124,19 @@ def test_an_ode_failure_is_recorded_and_not_retried(trained, monkeypatch):
     assert st.read_record(job.key)["attempts"] == 1
 
 
-def test_attack_files_round_trip_with_the_schema(trained):
+@pytest.fixture(scope="module")
+def attacked(trained):
+    """Three attack files on the trained models: a fixture, not a test's side effect, because pytest-xdist
+    hands a module's tests to both workers (the report test ran once where no attack had, CI at 4b98bb1)."""
     st, data, tj, kd, base, _ = trained
     jobs = [S.AttackJob(base.key, "synthetic", "pgd", (0.0, 4.0)), S.AttackJob(base.key, "synthetic", "pgd", (8.0,)),
             S.AttackJob(tj.key, "synthetic", "mifgsm", (0.0, 8.0))]
-    for j in jobs:
-        path = S.run_attack(j, TINY, st, data[1])
+    return [S.run_attack(j, TINY, st, data[1]) for j in jobs]
+
+
+def test_attack_files_round_trip_with_the_schema(trained, attacked):
+    st, data, tj, kd, base, _ = trained
+    for path in attacked:
         assert pq.read_schema(path).equals(S.ATTACK_FILE_SCHEMA)
     t = S.read_attacks(st)
     assert t.schema.equals(S.ATTACK_SCHEMA) and t.num_rows == 5
@@ -151,7 +158,7 @@ def test_attack_files_round_trip_with_the_schema(trained):
     assert node[0]["clean_accuracy"] == pytest.approx(acc)
 
 
-def test_report_tables_and_figure_from_records_and_parquet(trained):
+def test_report_tables_and_figure_from_records_and_parquet(trained, attacked):
     st, *_ = trained
     paths = R.write_report(st.root)
     assert set(paths) == {"Table 1", "Table 2", "Table 3", "Attacks", "Audit", "Figure 1"}
