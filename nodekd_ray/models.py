@@ -40,6 +40,7 @@ TIME_INPUTS = ("scaled", "raw", "none")
 PRECISIONS = ("fp32", "tf32", "bf16")
 SOLVER_IMPLS = ("torchdiffeq", "nodekd")
 NORM_IMPLS = ("torch", "triton")
+STEP_CONTROLS = ("plain", "noise-aware")
 
 
 class Normalize(nn.Module):
@@ -196,6 +197,7 @@ class ODEFunc(nn.Module):
         self.norm_out = _gn(width)
         self.nfe = 0
         self.nfe_backward = 0
+        self.nfe_reference = 0     # evaluations by reference() (step_control "noise-aware": 2 per solve)
         self._solve_cache = None   # dict while a solve runs (see solving())
 
     def forward(self, t, h):  # h: (B, width, 8, 8), fp32: the solver's state and error control stay fp32
@@ -218,6 +220,25 @@ class ODEFunc(nn.Module):
         else:
             out = self.norm_out(z)
         return _CountBackward.apply(out, self) if torch.is_grad_enabled() else out
+
+    def reference(self, t, h):
+        """f(t, h) in h's dtype with PyTorch's own ops and no autocast, the time channel concatenated: the
+        yardstick against which step_control "noise-aware" measures the rounding noise of f's own precision
+        (nodekd_ray/dopri5.py). No autograd; counted in nfe_reference, not in nfe. On a GPU the convolutions
+        are IEEE fp32 for a tf32 f, and TF32 for a bf16 f: TF32's noise is about a tenth of bf16's (f 6e-4
+        against 7e-3 off fp64 on an H100, README), so it adds 0.5% to the measured noise, and a TF32
+        evaluation costs about what a bf16 one does where IEEE fp32 costs twice that. On a CPU, fp32."""
+        self.nfe_reference += 1
+        conv_mode = _cudnn_conv_precision("tf32" if self.precision == "bf16" else "ieee") if h.is_cuda \
+            else contextlib.nullcontext()
+        with torch.no_grad(), torch.autocast(h.device.type, enabled=False), conv_mode:
+            if self.time_input != "none":
+                tv = t / self.t1 if self.time_input == "scaled" else t
+                tt = tv.to(h.dtype).expand(h.shape[0], 1, h.shape[2], h.shape[3])
+            for norm, conv in zip(self.norms, self.convs):
+                a = _gn_relu(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
+                h = F.conv2d(a if self.time_input == "none" else torch.cat([a, tt], dim=1), conv.weight, conv.bias, 1, 1)
+            return self.norm_out(h)
 
     @contextlib.contextmanager
     def solving(self):
@@ -441,6 +462,11 @@ class NODEConfig:
     solver_impl: str = "torchdiffeq"  # "torchdiffeq", or "nodekd": nodekd_ray/dopri5.py, the same dopri5 steps
                                   # with fewer device operations (dopri5 with plain backpropagation only). The
                                   # default stays torchdiffeq's until a GPU has measured the difference
+    step_control: str = "plain"   # "plain" (torchdiffeq's), or "noise-aware" (solver_impl "nodekd", precision tf32
+                                  # or bf16): dopri5 measures f's rounding noise against an fp32 evaluation (2 per
+                                  # solve) and takes it out of each step's error ratio, so that bf16/TF32 noise does
+                                  # not shrink the steps (nodekd_ray/dopri5.py). Off by default: it changes the
+                                  # paper's step control, and only a GPU can say whether it pays
 
     def validate(self) -> "NODEConfig":
         check_choice("solver", self.solver, SOLVERS)
@@ -462,6 +488,10 @@ class NODEConfig:
                                                f"got {'compile' if self.compile else 'bf16_norms'} too")
             if not fused_norm.available():
                 raise ConfigError("norm_impl", "'triton' needs the triton package (installed with CUDA builds of torch)")
+        check_choice("step_control", self.step_control, STEP_CONTROLS)
+        if self.step_control == "noise-aware" and (self.solver_impl != "nodekd" or self.precision == "fp32"):
+            raise ConfigError("step_control", "'noise-aware' needs solver_impl 'nodekd' and precision tf32 or bf16, got "
+                                              f"solver_impl {self.solver_impl!r} and precision {self.precision!r}")
         if self.solver_impl == "nodekd" and (self.solver != "dopri5" or self.adjoint):
             raise ConfigError("solver_impl", "'nodekd' implements dopri5 with plain backpropagation only, got "
                                              f"solver {self.solver!r}{' with the adjoint method' if self.adjoint else ''}")
@@ -523,7 +553,8 @@ class NeuralODE(nn.Module):
             with shared:
                 if cfg.solver_impl == "nodekd":
                     h = dopri5(self.func, h0, 0.0, self._t_end, rtol=cfg.rtol, atol=cfg.atol,
-                               max_num_steps=cfg.max_num_steps)
+                               max_num_steps=cfg.max_num_steps,
+                               reference=self.func.reference if cfg.step_control == "noise-aware" else None)
                 else:
                     h = solve(self.func, h0, self.t_span, rtol=cfg.rtol, atol=cfg.atol,
                               method=cfg.solver, options=options, **kwargs)[-1]

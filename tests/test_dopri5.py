@@ -156,23 +156,30 @@ def test_audit_solver_changes_work_on_a_student_trained_with_nodekd():
     assert tight.cfg.solver_impl == "nodekd" and tight.cfg.rtol == 1e-6
     rk4 = with_solver(m, solver="rk4", step_size=0.25)
     assert rk4.cfg.solver_impl == "torchdiffeq" and m.cfg.solver_impl == "nodekd"
+    aware = NeuralODE(NODEConfig(width=16, precision="bf16", solver_impl="nodekd", step_control="noise-aware"))
+    assert with_solver(aware, solver="rk4").cfg.step_control == "plain"          # torchdiffeq's rk4: no noise control
+    assert with_solver(aware, rtol=1e-5).cfg.step_control == "noise-aware"
     with torch.no_grad():
         a, b, c = m(x), tight(x), rk4(x)
     assert _rel(a, b) < 1e-2 and _rel(c, b) < 1e-2      # the same function, solved three ways
 
 
 def test_sweep_flags_reach_the_students_config():
-    """--solver-impl, --recompute and --bf16-norms on a sweep script end up in every student's NODEConfig."""
+    """--solver-impl, --recompute, --bf16-norms and --step-control on a sweep script end up in every student's
+    NODEConfig."""
     from nodekd_ray.orchestration.entry import settings_from_args, sweep_parser
     from nodekd_ray.sweep import StudentJob, student_config
 
     ap = sweep_parser("t", default_scale="digits")
     job = StudentJob(dataset="digits", t1=10.0)
-    argv = ["--solver-impl", "nodekd", "--recompute", "--precision", "bf16", "--bf16-norms"]
-    node = student_config(job, settings_from_args(ap.parse_args(argv))).node
-    assert (node.solver_impl, node.recompute, node.bf16_norms, node.t1) == ("nodekd", True, True, 10.0)
+    argv = ["--solver-impl", "nodekd", "--recompute", "--precision", "bf16", "--bf16-norms", "--step-control",
+            "noise-aware"]
+    node = student_config(job, settings_from_args(ap.parse_args(argv))).node.validate()
+    assert (node.solver_impl, node.recompute, node.bf16_norms, node.step_control, node.t1) == \
+        ("nodekd", True, True, "noise-aware", 10.0)
     node = student_config(job, settings_from_args(ap.parse_args([]))).node
-    assert (node.solver_impl, node.recompute, node.bf16_norms) == ("torchdiffeq", False, False)
+    assert (node.solver_impl, node.recompute, node.bf16_norms, node.step_control) == \
+        ("torchdiffeq", False, False, "plain")
 
 
 def test_bench_solver_smoke_runs():
@@ -188,3 +195,138 @@ def test_bench_solver_smoke_runs():
 
     nfe = re.findall(r"NFE per step (\d+)", r.stdout)
     assert r.stdout.count("nodekd") >= 4 and len(nfe) == 2 and nfe[0] == nfe[1]   # same steps, both solvers
+
+
+# ----------------------------------------------------------------------------- step control that knows f's noise
+
+
+def _rounded_linear_ode(seed=0, n=2048, d=64):
+    """y' = A y with eigenvalues in [-1, 0.2] (smooth: dopri5 needs 2 steps over [0, 1] at rtol 1e-3), in
+    float64 (the reference) and as a bf16 matmul would compute it (inputs, weights and output rounded to bf16:
+    the rounding noise of a bf16 f). The exact solution is exp(A t1) y0."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
+    a = q @ torch.diag(torch.linspace(-1.0, 0.2, d, dtype=torch.float64)) @ q.T
+    a_low = a.to(torch.bfloat16).double()
+
+    def exact(t, y):
+        return y @ a.T
+
+    def low(t, y):
+        return (y.to(torch.bfloat16).double() @ a_low.T).to(torch.bfloat16).double()
+
+    y0 = torch.randn(n, d, dtype=torch.float64, generator=g)
+    return exact, low, y0, y0 @ torch.linalg.matrix_exp(a).T
+
+
+def _counted(f):
+    calls = []
+
+    def g(t, y):
+        calls.append(float(t))
+        return f(t, y)
+    return g, calls
+
+
+def test_noise_aware_steps_take_the_exact_fs_steps_on_a_rounded_f():
+    """On a smooth problem a bf16-rounded f makes plain dopri5 take a third step that exact arithmetic does
+    not need (its error estimates are all rounding noise: 4e-3 against 3e-6); with the exact f as reference
+    the rounded f takes the exact f's two steps, and its answer keeps the rounding-level error."""
+    exact, low, y0, y_exact = _rounded_linear_ode()
+    runs = {}
+    for name, f, ref in (("exact", exact, None), ("plain", low, None), ("noise-aware", low, exact)):
+        g, calls = _counted(f)
+        stats = {}
+        y = dopri5(g, y0, 0.0, 1.0, rtol=1e-3, atol=1e-3, reference=ref, stats=stats)
+        runs[name] = (len(calls), stats, _rel(y, y_exact))
+    (n_exact, s_exact, e_exact), (n_plain, s_plain, e_plain), (n_aware, s_aware, e_aware) = \
+        runs["exact"], runs["plain"], runs["noise-aware"]
+    assert (n_exact, s_exact["accepted"], s_exact["rejected"]) == (14, 2, 0)
+    assert s_exact["ratios"][0] < 1e-5 and s_plain["ratios"][0] > 1e-3      # the first estimate: truncation vs noise
+    assert n_plain == 20 and (s_plain["accepted"], s_plain["rejected"]) == (3, 0)
+    assert n_aware == 14 and (s_aware["accepted"], s_aware["rejected"]) == (2, 0)
+    assert s_aware["first_step"] == pytest.approx(s_exact["first_step"], rel=1e-3)
+    # accuracy: both rounded runs are rounding-bound (3x the exact f's truncation error, under rtol); the
+    # noise-aware run's fewer, longer steps add up the rounding over fewer terms (sqrt(sum h^2) larger)
+    assert e_exact < 5e-4 and e_plain < 1.2e-3 and e_aware < 1.5 * e_plain and e_aware < 1.5e-3
+
+
+def test_the_noise_model_matches_the_noise_part_of_the_error_estimate():
+    """r_n, the solver's estimate of the rounding noise in its first step's error ratio (from two reference
+    evaluations at the first-step rule's points), against the noise part measured directly: the error estimate
+    of the rounded stages minus that of the exact f at the same stage states."""
+    from nodekd_ray.dopri5 import _ALPHA, _BETA, _C_ERROR, _combine
+
+    exact, low, y0, _ = _rounded_linear_ode(seed=1)
+    stats = {}
+    dopri5(low, y0, 0.0, 1.0, rtol=1e-3, atol=1e-3, reference=exact, stats=stats)
+    h = stats["first_step"]
+    ks, ks_exact = [low(0.0, y0)], [exact(0.0, y0)]
+    for alpha, beta in zip(_ALPHA, _BETA):
+        y = _combine(y0, [b * h for b in beta], ks)
+        ks.append(low(alpha * h, y))
+        ks_exact.append(exact(alpha * h, y))
+    noise = _combine(None, [c * h for c in _C_ERROR], [a - b for a, b in zip(ks, ks_exact)])
+    y1 = _combine(y0, [b * h for b in _BETA[-1]], ks)
+    tol = torch.maximum(y0.abs(), y1.abs()) * 1e-3 + 1e-3
+    measured = float((noise / tol).square().mean().sqrt())
+    assert measured > 1e-3
+    assert 0.7 * measured < stats["noise_ratios"][0] < 1.4 * measured, (stats["noise_ratios"][0], measured)
+
+
+def test_noise_aware_steps_with_an_exact_f_are_the_plain_steps():
+    """A reference that is f itself: no noise, the same first step, steps, answer and gradients as without one."""
+    torch.manual_seed(6)
+    f = NeuralODE(NODEConfig(width=16, t1=1.0, precision="fp32")).double().func
+    h0 = torch.randn(2, 16, 8, 8, dtype=torch.float64, requires_grad=True)
+    out = []
+    for ref in (None, f):
+        g, calls = _counted(f)
+        stats = {}
+        y = dopri5(g, h0, 0.0, 1.0, rtol=1e-3, atol=1e-3, reference=ref, stats=stats)
+        out.append((y, calls, stats, torch.autograd.grad(y.square().sum(), [h0, *f.parameters()])))
+    (y_a, c_a, s_a, g_a), (y_b, c_b, s_b, g_b) = out
+    assert c_a == c_b and len(c_a) > 10 and s_b["noise_ratios"] == [0.0] * len(s_b["ratios"])
+    assert s_a["ratios"] == s_b["ratios"] and torch.equal(y_a, y_b)
+    assert all(torch.equal(a, b) for a, b in zip(g_a, g_b))
+
+
+@pytest.mark.parametrize("kw", [dict(time_input="raw"), dict(time_input="scaled", t1=10.0), dict(time_input="none"),
+                                dict(channels_last=True), dict(time_conv="concat")])
+def test_reference_evaluation_is_the_fp32_function(kw):
+    """ODEFunc.reference (the noise-aware step control's yardstick) is f as precision fp32 computes it, whatever
+    the model's own precision: counted apart from nfe, without autograd."""
+    torch.manual_seed(7)
+    fp32 = NeuralODE(NODEConfig(width=32, precision="fp32", **kw)).func
+    bf16 = NeuralODE(NODEConfig(width=32, precision="bf16", **kw)).func
+    bf16.load_state_dict(fp32.state_dict())
+    h = torch.randn(3, 32, 8, 8, requires_grad=True)
+    if kw.get("channels_last"):
+        h = h.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    t = torch.tensor(0.7)
+    want = fp32(t, h)
+    got = bf16.reference(t, h)
+    assert not got.requires_grad and (bf16.nfe, bf16.nfe_reference) == (0, 1)
+    assert _rel(got, want.detach()) < 1e-6
+    assert _rel(bf16(t, h).detach().float(), want.detach()) > 1e-4      # the model's own f is bf16
+
+
+def test_noise_aware_student_trains_and_evaluates_with_two_reference_evaluations_per_solve():
+    torch.manual_seed(8)
+    m = NeuralODE(NODEConfig(width=16, precision="bf16", solver_impl="nodekd", step_control="noise-aware"))
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    assert m.func.nfe_reference == 2 and m.nfe_forward > 10 and m.nfe_backward > 10
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    with torch.no_grad():
+        m(x)
+    assert m.func.nfe_reference == 4
+
+
+@pytest.mark.parametrize("kw, why", [(dict(step_control="noise-aware", precision="bf16"), "solver_impl 'torchdiffeq'"),
+                                     (dict(step_control="noise-aware", solver_impl="nodekd", precision="fp32"),
+                                      "precision 'fp32'"),
+                                     (dict(step_control="pid"), "allowed: plain, noise-aware")])
+def test_step_control_is_checked(kw, why):
+    with pytest.raises(ConfigError, match=f"step_control: .*{why}"):
+        NODEConfig(**kw).validate()
