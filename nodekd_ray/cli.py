@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--solver-impl", default="torchdiffeq", help="dopri5's implementation: torchdiffeq, or nodekd "
                                                              "(the same steps, fewer device operations; plain "
                                                              "backpropagation only)")
+    n.add_argument("--step-control", default="plain", help="dopri5's step control: plain (torchdiffeq's), or "
+                                                           "noise-aware (with --solver-impl nodekd and --precision "
+                                                           "tf32/bf16: bf16/TF32 rounding noise is measured against "
+                                                           "fp32 and does not shrink the steps)")
     _common(s)
 
     a = sub.add_parser("attack", help="attack one model on one data set over a list of eps",
@@ -197,7 +201,7 @@ def cmd_train_student(args) -> None:
                       time_conv=args.time_conv, precision=args.precision, channels_last=args.channels_last,
                       compile=args.compile, solver_impl=args.solver_impl,
                       recompute=args.recompute, bf16_norms=args.bf16_norms,
-                      norm_impl=args.norm_impl)
+                      norm_impl=args.norm_impl, step_control=args.step_control)
     cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,
                         **_recipe_kwargs(args)).validate()
     _check_out(args)

@@ -235,6 +235,7 @@ def fit(model, cfg: RecipeConfig, train: ImageSet, test: ImageSet, *, loss_fn, n
         tot_loss = torch.zeros((), device=device)
         tot_correct = torch.zeros((), device=device, dtype=torch.int64)
         nfe_f = nfe_b = 0
+        ref0 = _nfe_reference(model)
         for i, batch in enumerate(batches):
             f0, b0 = nfe_totals(model)
             try:
@@ -253,6 +254,7 @@ def fit(model, cfg: RecipeConfig, train: ImageSet, test: ImageSet, *, loss_fn, n
             tot_correct += (logits.argmax(1) == batch.y).sum()
             bar.update(f"{name} epoch {epoch + 1}/{epochs}", i + 1, len(batches), loss)
         bar.close()
+        ref_solve = (_nfe_reference(model) - ref0) / max(len(batches), 1)
         ntr = len(train)
         if not torch.isfinite(tot_loss):  # checked once an epoch: a per-batch check syncs the GPU
             raise FloatingPointError(f"{name}: the training loss became {float(tot_loss)} in epoch {epoch + 1}")
@@ -262,10 +264,14 @@ def fit(model, cfg: RecipeConfig, train: ImageSet, test: ImageSet, *, loss_fn, n
             "test_accuracy": ev["accuracy"], "lr": lr, "nfe_forward": nfe_f / ntr, "nfe_backward": nfe_b / ntr,
             "nfe_test": ev["nfe_per_image"], "seconds": time.perf_counter() - t0,
         }
+        ref = ""
+        if ref_solve:   # step_control "noise-aware": fp32 evaluations of f without backward, 2 per solve
+            metrics["nfe_reference"] = ref_solve
+            ref = f" (+{ref_solve:.1f} fp32)"
         history.append(metrics)
         log(f"{name} epoch {epoch + 1}/{epochs}  loss {metrics['loss']:.4f}  train {metrics['train_accuracy']:.4f}  "
             f"test {metrics['test_accuracy']:.4f}  lr {lr:.2g}  nfe f/b {metrics['nfe_forward']:.1f}/"
-            f"{metrics['nfe_backward']:.1f}  {metrics['seconds']:.1f}s")
+            f"{metrics['nfe_backward']:.1f}{ref}  {metrics['seconds']:.1f}s")
         if writer is not None:
             for k, v in metrics.items():
                 if k != "epoch":
@@ -277,6 +283,10 @@ def fit(model, cfg: RecipeConfig, train: ImageSet, test: ImageSet, *, loss_fn, n
     if writer is not None:
         writer.close()
     return history
+
+
+def _nfe_reference(model) -> int:
+    return getattr(getattr(model, "func", None), "nfe_reference", 0)
 
 
 def out_of_memory(name: str, cfg: RecipeConfig, device, error: Exception) -> ConfigError:

@@ -47,6 +47,10 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     ap.add_argument("--solver-impl", default=None, choices=("torchdiffeq", "nodekd"),
                     help="students' dopri5: torchdiffeq's (default), or nodekd_ray/dopri5.py's, the same steps "
                          "with fewer device operations")
+    ap.add_argument("--step-control", default=None, choices=("plain", "noise-aware"),
+                    help="students' dopri5 step control: plain (torchdiffeq's, default), or noise-aware (with "
+                         "--solver-impl nodekd and --precision tf32/bf16: the rounding noise of f's precision, "
+                         "measured against fp32, does not shrink the steps)")
     ap.add_argument("--recompute", action="store_true", default=None,
                     help="students recompute f's GroupNorm + ReLU in the backward: about half the activation "
                          "memory per NFE, for one more GroupNorm pass per layer")
@@ -109,6 +113,8 @@ def settings_from_args(args) -> Settings:
         student["solver_impl"] = args.solver_impl
     if getattr(args, "norm_impl", None) is not None:
         student["norm_impl"] = args.norm_impl
+    if getattr(args, "step_control", None) is not None:
+        student["step_control"] = args.step_control
     if args.attack_images is not None:
         attack_images = args.attack_images
     return Settings(teacher=teacher, student=student, attack_images=attack_images, audit=dict(scale.get("audit", {})))
