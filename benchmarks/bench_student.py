@@ -25,6 +25,11 @@ through it, update), for each option in one run:
     bf16+triton          bf16 and norm_impl "triton" (no casts around the norms: the kernel reads and
                          writes bf16, with fp32 statistics)
     bf16+triton+nodekd   bf16, norm_impl "triton" and solver_impl "nodekd"
+    tf32+nodekd+noise    tf32, solver_impl "nodekd" and step_control "noise-aware" (dopri5 measures f's rounding
+                         noise against 2 IEEE fp32 evaluations per solve and does not shrink its steps for it;
+                         see benchmarks/bench_step_control.py)
+    bf16+nodekd+noise    bf16, solver_impl "nodekd" and step_control "noise-aware" (TF32 reference evaluations)
+    bf16+triton+nodekd+noise  the same with norm_impl "triton"
 
 For each: training images/s and its ratio to the baseline, forward/backward NFE per step as
 counted by the model, FLOPs per function evaluation per image (counted from the layer shapes),
@@ -67,6 +72,10 @@ OPTIONS = {
     "tf32+triton": dict(precision="tf32", norm_impl="triton"),
     "bf16+triton": dict(precision="bf16", norm_impl="triton"),
     "bf16+triton+nodekd": dict(precision="bf16", norm_impl="triton", solver_impl="nodekd"),
+    "tf32+nodekd+noise": dict(precision="tf32", solver_impl="nodekd", step_control="noise-aware"),
+    "bf16+nodekd+noise": dict(precision="bf16", solver_impl="nodekd", step_control="noise-aware"),
+    "bf16+triton+nodekd+noise": dict(precision="bf16", norm_impl="triton", solver_impl="nodekd",
+                                     step_control="noise-aware"),
 }
 
 

@@ -48,6 +48,8 @@ OPTIONS = {
     "bf16+triton+cl": dict(precision="bf16", norm_impl="triton", channels_last=True),
     "bf16+triton+nodekd": dict(precision="bf16", norm_impl="triton", solver_impl="nodekd"),
     "tf32+triton+recompute": dict(precision="tf32", norm_impl="triton", recompute=True),
+    "tf32+nodekd+noise": dict(precision="tf32", solver_impl="nodekd", step_control="noise-aware"),   # the logits
+    "bf16+nodekd+noise": dict(precision="bf16", solver_impl="nodekd", step_control="noise-aware"),   # and NFE
 }
 BOUND_F = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
 BOUND_GRAD = {"fp32": 3e-3, "tf32": 5e-2, "bf16": 2e-1}

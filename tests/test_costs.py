@@ -154,10 +154,11 @@ def test_gpu_pending_runs_every_step_and_goes_on_past_a_failed_one(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     status = (out / "status.txt").read_text()
     assert "check_gpu: exit 1" in status and "1 checks FAILED" in (out / "check_gpu.txt").read_text()
-    for name in ("bench_student", "bench_norm", "bench_solver"):
+    for name in ("bench_student", "bench_step_control", "bench_norm", "bench_solver"):
         assert f"{name}: ok" in status, status
     student = (out / "bench_student.txt").read_text()
-    assert "failed" not in student and "bf16+triton+nodekd" in student   # every option ran
+    assert "failed" not in student and "bf16+triton+nodekd+noise" in student   # every option ran
+    assert "bf16: plain / noise-aware forward NFE" in (out / "bench_step_control.txt").read_text()
     assert "saved for backward" in student and "x base" in student       # --memory, ratios to the fp32 path
     assert "operations of one f evaluation" in (out / "bench_norm.txt").read_text()
     assert "torch " in (out / "env.txt").read_text()
