@@ -50,6 +50,8 @@ OPTIONS = {
     "tf32+triton+recompute": dict(precision="tf32", norm_impl="triton", recompute=True),
     "tf32+nodekd+noise": dict(precision="tf32", solver_impl="nodekd", step_control="noise-aware"),   # the logits
     "bf16+nodekd+noise": dict(precision="bf16", solver_impl="nodekd", step_control="noise-aware"),   # and NFE
+    "bf16+triton+nodekd+noise": dict(precision="bf16", norm_impl="triton", solver_impl="nodekd",
+                                     step_control="noise-aware"),
 }
 BOUND_F = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
 BOUND_GRAD = {"fp32": 3e-3, "tf32": 5e-2, "bf16": 2e-1}
@@ -124,12 +126,12 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {describe_device(device)}; torch {torch.__version__}")
     print(f"width {args.width}, batch {args.batch}, t1 {args.t1:g}; relative error against fp64 on the same device")
-    print(f"  {'seed':>4} {'option':<16} {'f':>9} {'df/dh':>9} {'df/dW':>9} {'logits':>9} {'NFE':>4} {'ref':>4} {'argmax=':>7}")
+    print(f"  {'seed':>4} {'option':<24} {'f':>9} {'df/dh':>9} {'df/dW':>9} {'logits':>9} {'NFE':>4} {'ref':>4} {'argmax=':>7}")
     failed = 0
     for seed in range(args.seeds):
         for seed_, name, e, nfe, r_nfe, agree, ok in check(args, device, seed):
             failed += not ok
-            print(f"  {seed_:>4} {name:<16} {e['f']:9.2e} {e['df/dh']:9.2e} {e['df/dW']:9.2e} {e['logits']:9.2e} "
+            print(f"  {seed_:>4} {name:<24} {e['f']:9.2e} {e['df/dh']:9.2e} {e['df/dW']:9.2e} {e['logits']:9.2e} "
                   f"{nfe:>4} {r_nfe:>4} {100 * agree:6.1f}%  {'ok' if ok else 'FAIL'}")
     print(f"{'all checks passed' if not failed else f'{failed} checks FAILED'}")
     return 1 if failed else 0
