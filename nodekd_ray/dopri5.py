@@ -34,8 +34,8 @@ student after 3 training steps (benchmarks/bench_step_control.py, on a CPU), a f
 2.0e-6 in fp32 and 2.8e-3 in bf16: the bf16 estimate was all noise. dopri5 then grows the
 step by 0.9 * ratio^(-1/5) = 2.9x instead of 10x, and takes 3 steps where fp32 takes 2 (the H100's 20 against
 14 forward NFE per training step). The extra steps buy no accuracy: the solution's error is the rounding of
-its stages, which smaller steps do not remove. Given ``reference``, f evaluated in the state's precision
-(two evaluations per solve, without autograd), the solver
+its stages, which smaller steps do not remove. Given ``reference``, f in higher precision (ODEFunc.reference:
+fp32, or TF32 for a bf16 f on a GPU; two evaluations per solve, without autograd), the solver
   * measures the noise: n = (f(y0) - ref(y0)) - (f(y_p) - ref(y_p)) at the two points the first-step rule
     evaluates anyway (y_p = y0 + h0 f(y0)). The difference cancels the smooth part of the rounding (the
     weights' own rounding, the same at every evaluation, which the error estimate cancels too) and keeps
