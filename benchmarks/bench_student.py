@@ -34,8 +34,10 @@ through it, update), for each option in one run:
 For each: training images/s and its ratio to the baseline, forward/backward NFE per step as
 counted by the model, FLOPs per function evaluation per image (counted from the layer shapes),
 and MFU: achieved FLOP rate over the bf16 matmul rate measured on this device in this run. MFU is
-given for the whole step ("step") and for the ODE function alone ("f": forward+backward of f on a
-fixed state, timed apart from the solver's bookkeeping). NFE differs between options only through
+given for the whole step ("step") and for the ODE function alone, timed apart from the solver's
+bookkeeping: "f" is one forward+backward call of f on a fixed state, which also prepares the convs'
+weights and hands back its own parameter gradients; "f-solve" is --f-solve evaluations (20) under one
+solve's shared weights followed by one backward through them all, as a training step's solve runs f. NFE differs between options only through
 rounding: a bf16 f that makes dopri5 reject steps shows here as more NFE per step.
 
     .venv/bin/python benchmarks/bench_student.py            # on a GPU machine
@@ -148,8 +150,26 @@ def bench(opts: dict, args, device) -> dict:
         model.func(t, h).sum().backward()
     sync(device)
     f_dt = (time.perf_counter() - t0) / args.f_reps
+
+    # f in a solve: args.f_solve evaluations sharing the solve's prepared conv weights (and, with the Triton
+    # norms, the solve's parameter-gradient sums), then one backward through all of them, as a training step's
+    # solve runs f; no solver arithmetic between them. One call above also prepares the weights and hands back
+    # its own parameter gradients; in training that is done once per solve, not once per evaluation.
+    def solve_of_f():
+        with model.func.solving():
+            sum(model.func(t, h).sum() for _ in range(args.f_solve)).backward()
+
+    solve_of_f()
+    sync(device)
+    reps = max(1, args.f_reps // args.f_solve)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        solve_of_f()
+    sync(device)
+    f_solve_dt = (time.perf_counter() - t0) / (reps * args.f_solve)
     return {"images_per_s": args.batch / dt, "step_s": dt, "nfe_forward": nfe_f, "nfe_backward": nfe_b,
-            "step_tflops": step_gflop / dt / 1e3, "f_tflops": 3 * gf * args.batch / f_dt / 1e3}
+            "step_tflops": step_gflop / dt / 1e3, "f_tflops": 3 * gf * args.batch / f_dt / 1e3,
+            "f_solve_tflops": 3 * gf * args.batch / f_solve_dt / 1e3}
 
 
 def teacher_rate(args, device) -> float:
@@ -232,6 +252,9 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per option")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--f-reps", type=int, default=50, help="timed forward+backward calls of f alone")
+    ap.add_argument("--f-solve", type=int, default=20,
+                    help="evaluations of f per timed solve of f alone (MFU f-solve; 20: the forward NFE of a "
+                         "training step at tf32 and bf16 on an H100)")
     ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     ap.add_argument("--memory", nargs="*", type=float, default=None, metavar="T1",
                     help="also measure one training step's memory at these horizons (default 1 100 500), for "
@@ -240,7 +263,7 @@ def main():
     ap.add_argument("--out", help="write the measured rates here (JSON) for --dry-run --costs")
     args = ap.parse_args()
     if args.smoke:
-        args.width, args.stem, args.batch, args.steps, args.warmup, args.f_reps = 32, 16, 16, 2, 1, 3
+        args.width, args.stem, args.batch, args.steps, args.warmup, args.f_reps, args.f_solve = 32, 16, 16, 2, 1, 3, 3
         args.options = [o for o in args.options if "compile" not in o]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # on a CPU, 256: bf16 matmuls there run at ~1 GFLOP/s without AMX (1024 took 27 s of a 43 s smoke run),
@@ -251,8 +274,8 @@ def main():
           f"f: {f_gflop(args.width):.3f} GFLOP per evaluation per image")
     print(f"measured bf16 matmul rate (MFU denominator): {peak:.2f} TFLOP/s")
     rows = {}
-    print(f"  {'option':<22} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7}",
-          flush=True)
+    print(f"  {'option':<24} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7} "
+          f"{'MFU f-solve':>11}", flush=True)
     for name in args.options:   # a row as soon as it is measured (a run cut short keeps its rows)
         try:
             r = rows[name] = bench(OPTIONS[name], args, device)
@@ -261,9 +284,9 @@ def main():
             continue
         base = rows.get("fp32-concat")
         ratio = r["images_per_s"] / base["images_per_s"] if base else float("nan")
-        print(f"  {name:<22} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
-              f"{r['step_tflops']:8.3f} {100 * r['step_tflops'] / peak:8.1f}% {100 * r['f_tflops'] / peak:6.1f}%",
-              flush=True)
+        print(f"  {name:<24} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
+              f"{r['step_tflops']:8.3f} {100 * r['step_tflops'] / peak:8.1f}% {100 * r['f_tflops'] / peak:6.1f}% "
+              f"{100 * r['f_solve_tflops'] / peak:10.1f}%", flush=True)
     if args.memory is not None:
         print(f"memory of one training step at batch {args.batch} (fresh weights):")
         for t1 in args.memory or (1.0, 100.0, 500.0):
