@@ -115,12 +115,18 @@ def warm_states(args, device):
             yield f"seed {seed}, {warm} steps", model, x, y
 
 
-def checkpoint_states(args, device):
-    from nodekd_ray.data import load_dataset
+def load_student(args, device) -> NeuralODE:
+    """--checkpoint's student with solver_impl nodekd; its width, stem and t1 replace the arguments'."""
     from nodekd_ray.models import load_checkpoint
 
     model, _ = load_checkpoint(args.checkpoint, expect_arch="node")
-    model = copy_with(model, solver_impl="nodekd").to(device)
+    args.width, args.stem, args.t1 = model.cfg.width, model.cfg.stem_channels, model.cfg.t1
+    return copy_with(model, solver_impl="nodekd").to(device)
+
+
+def checkpoint_states(args, model, device):
+    from nodekd_ray.data import load_dataset
+
     test = load_dataset(args.dataset, root=args.data_root)[1]
     for b in range(args.batches):
         sl = slice(b * args.batch, (b + 1) * args.batch)
@@ -154,10 +160,11 @@ def main(argv=None):
     device = torch.device(args.device)
     args.time = device.type == "cuda" if args.time is None else args.time
     rows = [r for r in args.rows if device.type == "cuda" or r not in GPU_ONLY]
+    student = load_student(args, device) if args.checkpoint else None
     print(f"device: {describe_device(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}")
-    print(f"student width {args.width}, batch {args.batch}, t1 {args.t1:g}, dopri5 rtol = atol = 1e-3, "
+    print(("trained student " + args.checkpoint + ": " if student else "") + f"student width {args.width}, batch {args.batch}, t1 {args.t1:g}, dopri5 rtol = atol = 1e-3, "
           f"solver_impl nodekd; errors against float64 at 1e-8")
-    states = checkpoint_states(args, device) if args.checkpoint else warm_states(args, device)
+    states = checkpoint_states(args, student, device) if student else warm_states(args, device)
     results = {r: [] for r in rows}
     for label, model, x, y in states:
         ref = tight(model, x)

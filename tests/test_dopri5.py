@@ -330,3 +330,29 @@ def test_noise_aware_student_trains_and_evaluates_with_two_reference_evaluations
 def test_step_control_is_checked(kw, why):
     with pytest.raises(ConfigError, match=f"step_control: .*{why}"):
         NODEConfig(**kw).validate()
+
+
+def test_bench_step_control_measures_a_trained_students_own_width_on_test_batches(tmp_path, capsys):
+    """benchmarks/bench_step_control.py --checkpoint: the student's width and horizon are the checkpoint's (its
+    header said the --width default, 512, for a width-64 student), and each row solves the same digits test batch."""
+    import importlib.util
+    import os
+
+    from nodekd_ray.models import save_checkpoint
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_step_control",
+                                                  os.path.join(root, "benchmarks", "bench_step_control.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    cfg = NODEConfig(width=16, stem_channels=8, t1=2.0)
+    path = str(tmp_path / "s.pt")
+    save_checkpoint(path, NeuralODE(cfg, 10), arch="node", num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3,
+                    node=cfg.__dict__)
+    bench.main(["--checkpoint", path, "--dataset", "digits", "--batch", "8", "--batches", "2",
+                "--rows", "fp32", "bf16", "bf16+noise", "--no-time"])
+    out = capsys.readouterr().out
+    assert "student width 16, batch 8, t1 2," in out
+    assert "digits test batch 1" in out and "digits test batch 2" not in out
+    assert "mean over 2 states" in out and "bf16: plain / noise-aware forward NFE" in out
