@@ -101,7 +101,7 @@ def warm_states(args, device):
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         model = NeuralODE(NODEConfig(width=args.width, stem_channels=args.stem, t1=args.t1, precision="fp32",
-                                     solver_impl="nodekd")).to(device)
+                                     solver_impl="nodekd", step_control="plain")).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         x = torch.rand(args.batch, 3, 32, 32, device=device)
         y = torch.randint(0, 10, (args.batch,), device=device)
@@ -121,7 +121,7 @@ def load_student(args, device) -> NeuralODE:
 
     model, _ = load_checkpoint(args.checkpoint, expect_arch="node")
     args.width, args.stem, args.t1 = model.cfg.width, model.cfg.stem_channels, model.cfg.t1
-    return copy_with(model, solver_impl="nodekd").to(device)
+    return copy_with(model, solver_impl="nodekd", step_control="plain").to(device)
 
 
 def checkpoint_states(args, model, device):

@@ -58,6 +58,9 @@ import torch.nn.functional as F
 from nodekd_ray.devices import describe_device
 from nodekd_ray.models import NODEConfig, NeuralODE
 
+# A row's solver and step control are torchdiffeq's and plain unless its name says "nodekd" or "noise" (the
+# rows predate NODEConfig's "auto" defaults, which pick nodekd and, on a GPU, noise-aware step control)
+BASELINE = dict(solver_impl="torchdiffeq", step_control="plain")
 OPTIONS = {
     "fp32-concat": dict(precision="fp32", time_conv="concat"),
     "fp32": dict(precision="fp32"),
@@ -112,7 +115,7 @@ def matmul_rate(device, n: int, dtype=torch.bfloat16, reps: int = 10) -> float:
 
 def bench(opts: dict, args, device) -> dict:
     torch.manual_seed(0)
-    cfg = NODEConfig(width=args.width, stem_channels=args.stem, t1=args.t1, **opts)
+    cfg = NODEConfig(width=args.width, stem_channels=args.stem, t1=args.t1, **{**BASELINE, **opts})
     model = NeuralODE(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(args.batch, 3, 32, 32, device=device)
@@ -216,7 +219,8 @@ def memory(args, device, t1: float, variant: dict) -> dict:
     backward pass (saved-tensor hooks), which is what grows with NFE. NFE at initialisation, not
     after training: a trained student's NFE (in the records) scales the plain-backprop figure."""
     torch.manual_seed(0)
-    model = NeuralODE(NODEConfig(width=args.width, stem_channels=args.stem, t1=t1, **variant)).to(device)
+    model = NeuralODE(NODEConfig(width=args.width, stem_channels=args.stem, t1=t1,
+                                 **{**BASELINE, **variant})).to(device)
     x = torch.rand(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     saved = {}
@@ -298,12 +302,16 @@ def main():
     t_rate = teacher_rate(args, device)
     print(f"ResNet20 training, batch {args.batch}: {t_rate:.3f} TFLOP/s")
     if args.out:
-        default = rows.get("tf32") or next(iter(rows.values()))
+        # the default student's solver at its default precision, tf32; its FLOPs count the forward NFE it takes.
+        # Not the noise-aware row: a costs file's NFE (nfe_forward, or sweep.node_nfe_guess) are plain
+        # control's, and noise-aware's fewer NFE per step would make its TFLOP/s lower, not its time
+        name = next((n for n in ("tf32+nodekd", "tf32") if n in rows), next(iter(rows)))
+        default = rows[name]
         with open(args.out, "w") as f:
             json.dump({"device": describe_device(device), "width": args.width, "batch": args.batch,
                        "bf16_matmul_tflops": peak, "options": rows,
                        "rates": {"student": default["step_tflops"], "teacher": t_rate}}, f, indent=1)
-        print(f"rates (student at tf32, the default precision) -> {args.out}: use with --dry-run --costs")
+        print(f"rates (student: row {name}) -> {args.out}: use with --dry-run --costs")
     return 0
 
 

@@ -6,12 +6,14 @@
 # eps 8/255 on 300 test images. Needs a GPU to finish in minutes.
 #
 #     bash benchmarks/digits_precision.sh OUT_DIR [PYTHON]
+#     PRECISIONS="tf32 bf16" KD_PRECISIONS="" STUDENT_ARGS="--solver-impl nodekd --step-control noise-aware" ...
+#                     # other precisions, or none; more train-student options for every student
 set -euo pipefail
 out=${1:?usage: digits_precision.sh OUT_DIR [PYTHON]}
 py=${2:-python3}
 mkdir -p "$out"
 common=(--dataset digits --batch-size 32 --seed 0)
-student=(--width 512 --stem-channels 64 --epochs 20 --optimizer adam --crop-padding 0)
+student=(--width 512 --stem-channels 64 --epochs 20 --optimizer adam --crop-padding 0 ${STUDENT_ARGS:-})
 [ -f "$out/teacher.pt" ] || $py -m nodekd_ray.cli train-teacher "${common[@]}" --epochs 15 --out "$out/teacher.pt" 2>&1 | tail -2
 run() {   # name, extra args
     local name=$1; shift
@@ -21,5 +23,5 @@ run() {   # name, extra args
     $py -m nodekd_ray.cli attack "${common[@]}" --checkpoint "$out/$name.pt" --attack pgd --eps 0,8/255 \
         --steps 20 --limit-test 300 --out "$out/$name-pgd.parquet" --force 2>&1 | tail -3
 }
-for p in ${PRECISIONS:-fp32 tf32 bf16}; do run "node-$p" --no-kd --precision "$p"; done
-for p in ${KD_PRECISIONS:-tf32 bf16}; do run "node-kd-$p" --teacher "$out/teacher.pt" --T 3 --precision "$p"; done
+for p in ${PRECISIONS-fp32 tf32 bf16}; do run "node-$p" --no-kd --precision "$p"; done
+for p in ${KD_PRECISIONS-tf32 bf16}; do run "node-kd-$p" --teacher "$out/teacher.pt" --T 3 --precision "$p"; done

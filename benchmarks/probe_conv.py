@@ -111,7 +111,8 @@ def main():
     for bench in (False, True):
         torch.backends.cudnn.benchmark = bench
         torch.manual_seed(0)
-        m = NeuralODE(NODEConfig(width=C, precision="bf16", channels_last=True)).to(dev)
+        m = NeuralODE(NODEConfig(width=C, precision="bf16", channels_last=True, solver_impl="torchdiffeq",
+                                    step_control="plain")).to(dev)
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
         x = torch.rand(B, 3, 32, 32, device=dev)
         y = torch.randint(0, 10, (B,), device=dev)

@@ -88,13 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "too (CUDA's autocast runs GroupNorm in fp32)")
     n.add_argument("--norm-impl", default="torch", help="f's GroupNorm + ReLU: torch, or triton (nodekd_ray/"
                                                         "fused_norm.py: one kernel each way; CUDA only)")
-    n.add_argument("--solver-impl", default="torchdiffeq", help="dopri5's implementation: torchdiffeq, or nodekd "
-                                                             "(the same steps, fewer device operations; plain "
-                                                             "backpropagation only)")
-    n.add_argument("--step-control", default="plain", help="dopri5's step control: plain (torchdiffeq's), or "
-                                                           "noise-aware (with --solver-impl nodekd and --precision "
-                                                           "tf32/bf16: bf16/TF32 rounding noise is measured against "
-                                                           "fp32 and does not shrink the steps)")
+    n.add_argument("--solver-impl", default="auto", help="dopri5's implementation: auto (default: nodekd where it "
+                                                          "applies, else torchdiffeq), torchdiffeq, or nodekd (the "
+                                                          "same steps, fewer device operations; plain "
+                                                          "backpropagation only)")
+    n.add_argument("--step-control", default="auto", help="dopri5's step control: auto (default: noise-aware on a GPU "
+                                                          "where it applies, else plain), plain (torchdiffeq's), or "
+                                                          "noise-aware (with the nodekd solver and --precision "
+                                                          "tf32/bf16: bf16/TF32 rounding noise is measured against "
+                                                          "fp32 and does not shrink the steps)")
     _common(s)
 
     a = sub.add_parser("attack", help="attack one model on one data set over a list of eps",

@@ -8,7 +8,7 @@ A costs file (JSON) holds what was measured on one kind of GPU; every part is op
      "seconds_per_epoch": {"student-cifar10-node100-...": 41.0}}   # by job key
 
 ``benchmarks/bench_student.py --out FILE`` writes the device and the rates (the student's at
-the default precision, tf32, and a ResNet20's); ``nodekd costs STORAGE --out FILE`` writes the
+the default precision, tf32, with nodekd's dopri5 where that row was run, and a ResNet20's); ``nodekd costs STORAGE --out FILE`` writes the
 seconds per epoch and forward NFE that a finished (pilot) sweep's records hold. Two files merge
 with ``--costs A B``, later ones winning.
 

@@ -1,6 +1,6 @@
 """dopri5 for training by plain backpropagation: torchdiffeq's method, step for step, with less work
-per step. Used by the student when ``NODEConfig.solver_impl == "nodekd"`` (the default stays
-torchdiffeq's own solver; see the field's comment).
+per step. Used by the student when ``NODEConfig.solver_impl_used()`` is "nodekd" (the default, "auto",
+wherever dopri5 runs with plain backpropagation; see the field's comment).
 
 What is the same as torchdiffeq 0.2.5's ``odeint(func, y0, [t0, t1], method="dopri5")`` (read in
 ``torchdiffeq/_impl/rk_common.py``, ``misc.py``, ``interp.py``, ``dopri5.py``):

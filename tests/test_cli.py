@@ -34,7 +34,8 @@ def bad_cases(tmp, teacher):
         (["train-student", "--no-kd", "--dataset", "synthetic", "--recompute", "--time-conv", "concat"], "recompute"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--bf16-norms"], "bf16_norms"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--norm-impl", "cudnn"], "norm_impl"),
-        (["train-student", "--no-kd", "--dataset", "synthetic", "--precision", "bf16", "--step-control", "noise-aware"],
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--precision", "bf16", "--step-control", "noise-aware",
+          "--solver-impl", "torchdiffeq"],
          "step_control"),   # needs --solver-impl nodekd
         (["train-student", "--no-kd", "--dataset", "synthetic", "--norm-impl", "triton", "--device", "cpu"],
          "norm_impl"),   # the Triton kernels run on CUDA devices only

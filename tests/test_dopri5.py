@@ -110,6 +110,49 @@ def test_neural_ode_with_solver_impl_nodekd_matches_torchdiffeq_and_counts_the_s
         assert _rel(q.grad, p.grad) < 5e-3, name
 
 
+@pytest.mark.parametrize("kw, impl, gpu_control", [
+    (dict(), "nodekd", "noise-aware"),
+    (dict(precision="bf16"), "nodekd", "noise-aware"),
+    (dict(precision="fp32"), "nodekd", "plain"),                 # IEEE fp32 has no rounding noise to take out
+    (dict(adjoint=True), "torchdiffeq", "plain"),                # nodekd's dopri5 backpropagates only
+    (dict(solver="rk4"), "torchdiffeq", "plain"),
+    (dict(solver_impl="torchdiffeq"), "torchdiffeq", "plain"),
+    (dict(step_control="plain"), "nodekd", "plain"),
+    (dict(solver_impl="nodekd", step_control="noise-aware"), "nodekd", "noise-aware"),
+])
+def test_auto_defaults_pick_nodekd_and_noise_aware_on_a_gpu_where_they_apply(kw, impl, gpu_control):
+    """The defaults (solver_impl and step_control "auto") resolve per configuration and device: nodekd's dopri5
+    wherever it applies, noise-aware step control only on a GPU (a CPU's tf32 is IEEE fp32), explicit values as
+    given. A configuration that could not take nodekd (the adjoint method, rk4) still validates."""
+    cfg = NODEConfig(**kw).validate()
+    assert cfg.solver_impl_used() == impl
+    assert cfg.step_control_used(cuda=True) == gpu_control
+    assert cfg.step_control_used(cuda=False) == ("noise-aware" if kw.get("step_control") == "noise-aware"
+                                                 else "plain")
+
+
+def test_the_default_student_solves_with_nodekds_dopri5_and_adjoint_with_torchdiffeqs(monkeypatch):
+    import nodekd_ray.models as models
+
+    calls = []
+
+    def counting(*args, **kw):
+        calls.append(kw.get("reference"))
+        return dopri5(*args, **kw)
+
+    monkeypatch.setattr(models, "dopri5", counting)
+    torch.manual_seed(5)
+    x = torch.rand(2, 3, 32, 32)
+    default = NeuralODE(NODEConfig(width=16))
+    explicit = NeuralODE(NODEConfig(width=16, solver_impl="nodekd", step_control="plain"))
+    explicit.load_state_dict(default.state_dict())
+    assert torch.equal(default(x), explicit(x))
+    assert calls == [None, None]        # on a CPU "auto" step control is plain: no reference evaluations
+    adjoint = NeuralODE(NODEConfig(width=16, adjoint=True))
+    adjoint.load_state_dict(default.state_dict())
+    assert _rel(adjoint(x).detach(), default(x).detach()) < 1e-3 and len(calls) == 3
+
+
 def test_solver_failures_are_one_line_errors():
     m = NeuralODE(NODEConfig(width=16, t1=100.0, max_num_steps=2, solver_impl="nodekd"))
     with pytest.raises(ODESolveError, match=r"dopri5 failed over \[0, 100\]: max_num_steps exceeded \(2>=2\)"):
@@ -179,7 +222,7 @@ def test_sweep_flags_reach_the_students_config():
         ("nodekd", True, True, "noise-aware", 10.0)
     node = student_config(job, settings_from_args(ap.parse_args([]))).node
     assert (node.solver_impl, node.recompute, node.bf16_norms, node.step_control) == \
-        ("torchdiffeq", False, False, "plain")
+        ("auto", False, False, "auto")
 
 
 def test_bench_solver_smoke_runs():
@@ -323,10 +366,12 @@ def test_noise_aware_student_trains_and_evaluates_with_two_reference_evaluations
     assert m.func.nfe_reference == 4
 
 
-@pytest.mark.parametrize("kw, why", [(dict(step_control="noise-aware", precision="bf16"), "solver_impl 'torchdiffeq'"),
+@pytest.mark.parametrize("kw, why", [(dict(step_control="noise-aware", precision="bf16", solver_impl="torchdiffeq"),
+                                      "solver_impl 'torchdiffeq'"),
+                                     (dict(step_control="noise-aware", adjoint=True), "solver_impl 'torchdiffeq'"),
                                      (dict(step_control="noise-aware", solver_impl="nodekd", precision="fp32"),
                                       "precision 'fp32'"),
-                                     (dict(step_control="pid"), "allowed: plain, noise-aware")])
+                                     (dict(step_control="pid"), "allowed: auto, plain, noise-aware")])
 def test_step_control_is_checked(kw, why):
     with pytest.raises(ConfigError, match=f"step_control: .*{why}"):
         NODEConfig(**kw).validate()
@@ -356,3 +401,24 @@ def test_bench_step_control_measures_a_trained_students_own_width_on_test_batche
     assert "student width 16, batch 8, t1 2," in out
     assert "digits test batch 1" in out and "digits test batch 2" not in out
     assert "mean over 2 states" in out and "bf16: plain / noise-aware forward NFE" in out
+
+
+def test_bench_graphs_smoke_measures_f_eagerly_and_each_rows_rate_follows_its_time():
+    """benchmarks/bench_graphs.py on a CPU: eager rows only (no CUDA graphs), each row's MFU its FLOPs over
+    its time over the printed matmul rate."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_graphs.py"), "--smoke"], cwd=root,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr
+    peak = float(re.search(r"matmul rate \(MFU denominator\): ([\d.]+)", r.stdout).group(1))
+    gflop = float(re.search(r"f forward \+ backward ([\d.]+) GFLOP", r.stdout).group(1))
+    rows = re.findall(r"^  (tf32|bf16) +torch +(f|f-solve) +([\d.]+) +([\d.]+)% \(no CUDA graphs", r.stdout, re.M)
+    assert len(rows) == 4, r.stdout
+    for *_, ms, mfu in rows:
+        # printed to 4 digits, the time to 3 decimals of a ms and the MFU to 0.1 of a per cent
+        assert float(mfu) == pytest.approx(100 * gflop / float(ms) / peak, rel=0.02, abs=0.06)

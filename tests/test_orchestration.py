@@ -176,7 +176,7 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(s3):
 @pytest.mark.parametrize("args, field", [
     (["--teachers", "resnet21"], "teacher"), (["--temperatures", "0"], "T"), (["--lam", "1.5"], "lam"),
     (["--horizons", "-1"], "horizon"), (["--dataset", "mnist"], "dataset"), (["--limit-train", "0"], "limit_train"),
-    (["--step-control", "noise-aware", "--precision", "bf16"], "step_control"),   # needs --solver-impl nodekd
+    (["--step-control", "noise-aware", "--precision", "bf16", "--solver-impl", "torchdiffeq"], "step_control"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent/data", "--smoke-test", "--num-cpus", "2"], "data"),
     (["--dataset", "digits", "--smoke-test", "--num-cpus", "2", "--norm-impl", "triton", "--gpus-per-trial", "0"],
      "norm_impl"),   # triton kernels, trials without a GPU: refused once Ray says what the trials get

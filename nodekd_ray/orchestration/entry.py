@@ -44,13 +44,14 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     ap.add_argument("--precision", default=None, choices=("fp32", "tf32", "bf16"),
                     help="students' ODE-function convolutions (default: tf32, PyTorch's own for cuDNN convs; "
                          "the ODE state, solver and loss stay fp32)")
-    ap.add_argument("--solver-impl", default=None, choices=("torchdiffeq", "nodekd"),
-                    help="students' dopri5: torchdiffeq's (default), or nodekd_ray/dopri5.py's, the same steps "
-                         "with fewer device operations")
-    ap.add_argument("--step-control", default=None, choices=("plain", "noise-aware"),
-                    help="students' dopri5 step control: plain (torchdiffeq's, default), or noise-aware (with "
-                         "--solver-impl nodekd and --precision tf32/bf16: the rounding noise of f's precision, "
-                         "measured against fp32, does not shrink the steps)")
+    ap.add_argument("--solver-impl", default=None, choices=("auto", "torchdiffeq", "nodekd"),
+                    help="students' dopri5: auto (default: nodekd_ray/dopri5.py's where it applies, the same steps "
+                         "with fewer device operations; else torchdiffeq's), torchdiffeq, or nodekd")
+    ap.add_argument("--step-control", default=None, choices=("auto", "plain", "noise-aware"),
+                    help="students' dopri5 step control: auto (default: noise-aware on a GPU where it applies, else "
+                         "plain), plain (torchdiffeq's), or noise-aware (with the nodekd solver and --precision "
+                         "tf32/bf16: the rounding noise of f's precision, measured against fp32, does not shrink "
+                         "the steps)")
     ap.add_argument("--recompute", action="store_true", default=None,
                     help="students recompute f's GroupNorm + ReLU in the backward: about half the activation "
                          "memory per NFE, for one more GroupNorm pass per layer")
