@@ -30,6 +30,10 @@ through it, update), for each option in one run:
                          see benchmarks/bench_step_control.py)
     bf16+nodekd+noise    bf16, solver_impl "nodekd" and step_control "noise-aware" (TF32 reference evaluations)
     bf16+triton+nodekd+noise  the same with norm_impl "triton"
+    ...+graphs           the same with cuda_graphs (nodekd_ray/cuda_graphs.py: a solve's evaluations of f with
+                         autograd replayed from CUDA graphs; GPUs only, eager on a CPU). "MFU f" and "MFU f-solve"
+                         time f eagerly and are left out of these rows (benchmarks/bench_graphs.py times f in
+                         graphs); "peak GiB" includes the graphs' memory
 
 For each: training images/s and its ratio to the baseline, forward/backward NFE per step as
 counted by the model, FLOPs per function evaluation per image (counted from the layer shapes),
@@ -81,6 +85,14 @@ OPTIONS = {
     "bf16+nodekd+noise": dict(precision="bf16", solver_impl="nodekd", step_control="noise-aware"),
     "bf16+triton+nodekd+noise": dict(precision="bf16", norm_impl="triton", solver_impl="nodekd",
                                      step_control="noise-aware"),
+    "tf32+nodekd+noise+graphs": dict(precision="tf32", solver_impl="nodekd", step_control="noise-aware",
+                                     cuda_graphs=True),
+    "bf16+nodekd+noise+graphs": dict(precision="bf16", solver_impl="nodekd", step_control="noise-aware",
+                                     cuda_graphs=True),
+    "tf32+triton+nodekd+noise+graphs": dict(precision="tf32", norm_impl="triton", solver_impl="nodekd",
+                                            step_control="noise-aware", cuda_graphs=True),
+    "bf16+triton+nodekd+noise+graphs": dict(precision="bf16", norm_impl="triton", solver_impl="nodekd",
+                                            step_control="noise-aware", cuda_graphs=True),
 }
 
 
@@ -114,6 +126,9 @@ def matmul_rate(device, n: int, dtype=torch.bfloat16, reps: int = 10) -> float:
 
 
 def bench(opts: dict, args, device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     cfg = NODEConfig(width=args.width, stem_channels=args.stem, t1=args.t1, **{**BASELINE, **opts})
     model = NeuralODE(cfg).to(device)
@@ -139,6 +154,11 @@ def bench(opts: dict, args, device) -> dict:
     nfe_b = (model.nfe_backward - b0) / args.steps
     gf = f_gflop(args.width)
     step_gflop = args.batch * (gf * (nfe_f + 2 * nfe_b) + 3 * stem_head_gflop(args.width, args.stem))
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    row = {"images_per_s": args.batch / dt, "step_s": dt, "nfe_forward": nfe_f, "nfe_backward": nfe_b,
+           "step_tflops": step_gflop / dt / 1e3, "peak_gib": peak_gib}
+    if cfg.cuda_graphs:   # f alone below would run eagerly: not this row's f
+        return dict(row, f_tflops=float("nan"), f_solve_tflops=float("nan"))
 
     # f alone: forward + backward on a fixed state, as the solver calls it
     h = torch.randn(args.batch, args.width, 8, 8, device=device, requires_grad=True)
@@ -170,9 +190,7 @@ def bench(opts: dict, args, device) -> dict:
         solve_of_f()
     sync(device)
     f_solve_dt = (time.perf_counter() - t0) / (reps * args.f_solve)
-    return {"images_per_s": args.batch / dt, "step_s": dt, "nfe_forward": nfe_f, "nfe_backward": nfe_b,
-            "step_tflops": step_gflop / dt / 1e3, "f_tflops": 3 * gf * args.batch / f_dt / 1e3,
-            "f_solve_tflops": 3 * gf * args.batch / f_solve_dt / 1e3}
+    return dict(row, f_tflops=3 * gf * args.batch / f_dt / 1e3, f_solve_tflops=3 * gf * args.batch / f_solve_dt / 1e3)
 
 
 def teacher_rate(args, device) -> float:
@@ -278,8 +296,8 @@ def main():
           f"f: {f_gflop(args.width):.3f} GFLOP per evaluation per image")
     print(f"measured bf16 matmul rate (MFU denominator): {peak:.2f} TFLOP/s")
     rows = {}
-    print(f"  {'option':<24} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7} "
-          f"{'MFU f-solve':>11}", flush=True)
+    print(f"  {'option':<32} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7} "
+          f"{'MFU f-solve':>11} {'peak GiB':>9}", flush=True)
     for name in args.options:   # a row as soon as it is measured (a run cut short keeps its rows)
         try:
             r = rows[name] = bench(OPTIONS[name], args, device)
@@ -288,9 +306,9 @@ def main():
             continue
         base = rows.get("fp32-concat")
         ratio = r["images_per_s"] / base["images_per_s"] if base else float("nan")
-        print(f"  {name:<24} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
+        print(f"  {name:<32} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
               f"{r['step_tflops']:8.3f} {100 * r['step_tflops'] / peak:8.1f}% {100 * r['f_tflops'] / peak:6.1f}% "
-              f"{100 * r['f_solve_tflops'] / peak:10.1f}%", flush=True)
+              f"{100 * r['f_solve_tflops'] / peak:10.1f}% {r['peak_gib']:9.2f}", flush=True)
     if args.memory is not None:
         print(f"memory of one training step at batch {args.batch} (fresh weights):")
         for t1 in args.memory or (1.0, 100.0, 500.0):

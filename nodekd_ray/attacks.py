@@ -189,12 +189,13 @@ def solver_info(model) -> dict:
 def with_solver(model, **changes):
     """A copy of a Neural ODE that integrates with other solver settings (same weights). A student
     trained with nodekd's dopri5 (solver_impl "nodekd", dopri5 only) is switched to torchdiffeq's
-    implementation, with torchdiffeq's step control, when the change is to another solver (the audit's rk4
-    gradients)."""
+    implementation, with torchdiffeq's step control and without CUDA graphs, when the change is to another
+    solver (the audit's rk4 gradients)."""
     m = copy.deepcopy(model)
     if changes.get("solver", m.cfg.solver) != "dopri5" or changes.get("adjoint", m.cfg.adjoint):
         changes.setdefault("solver_impl", "torchdiffeq")
         changes.setdefault("step_control", "plain")
+        changes.setdefault("cuda_graphs", False)
     m.cfg = replace(m.cfg, **changes).validate()
     return m
 

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "solver and loss stay fp32)")
     n.add_argument("--channels-last", action="store_true", help="NHWC memory format for the ODE state and f")
     n.add_argument("--compile", action="store_true", help="torch.compile f's layers")
+    n.add_argument("--cuda-graphs", action="store_true", help="replay a training solve's evaluations of f from CUDA "
+                                                              "graphs (nodekd solver; GPUs only; nodekd_ray/"
+                                                              "cuda_graphs.py)")
     n.add_argument("--recompute", action="store_true", help="recompute f's GroupNorm + ReLU in the backward: "
                                                             "about half the activation memory per NFE")
     n.add_argument("--bf16-norms", action="store_true", help="with --precision bf16: f's GroupNorm and ReLU in bf16 "
@@ -203,7 +206,7 @@ def cmd_train_student(args) -> None:
                       time_conv=args.time_conv, precision=args.precision, channels_last=args.channels_last,
                       compile=args.compile, solver_impl=args.solver_impl,
                       recompute=args.recompute, bf16_norms=args.bf16_norms,
-                      norm_impl=args.norm_impl, step_control=args.step_control)
+                      norm_impl=args.norm_impl, step_control=args.step_control, cuda_graphs=args.cuda_graphs)
     cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,
                         **_recipe_kwargs(args)).validate()
     _check_out(args)

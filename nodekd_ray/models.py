@@ -135,17 +135,21 @@ class _CountBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        f = ctx.counter
-        f.nfe_backward += 1
-        if grad.is_cuda and f.precision != "bf16":
-            # The backward pass runs after forward's scoped setting is gone, so f's conv backward
-            # would run at cuDNN's process default (TF32) even for precision "fp32". This is the
-            # first step of backpropagating through this evaluation of f: its conv backward ops
-            # follow, and run in f's arithmetic. The setting stays until the next evaluation of f
-            # (forward or backward) sets it again: a process training an fp32 student runs its
-            # stem's backward in IEEE fp32 too.
-            torch.backends.cudnn.conv.fp32_precision = "tf32" if f.precision == "tf32" else "ieee"
+        _count_vjp(ctx.counter, grad)
         return grad, None
+
+
+def _count_vjp(f, grad):
+    """One vector-Jacobian product through f (an ODEFunc) begins: count it, and set cuDNN's conv precision."""
+    f.nfe_backward += 1
+    if grad.is_cuda and f.precision != "bf16":
+        # The backward pass runs after forward's scoped setting is gone, so f's conv backward
+        # would run at cuDNN's process default (TF32) even for precision "fp32". This is the
+        # first step of backpropagating through this evaluation of f: its conv backward ops
+        # follow, and run in f's arithmetic. The setting stays until the next evaluation of f
+        # (forward or backward) sets it again: a process training an fp32 student runs its
+        # stem's backward in IEEE fp32 too.
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if f.precision == "tf32" else "ieee"
 
 
 class _SharedCast(torch.autograd.Function):
@@ -199,11 +203,12 @@ class ODEFunc(nn.Module):
         self.nfe_backward = 0
         self.nfe_reference = 0     # evaluations by reference() (step_control "noise-aware": 2 per solve)
         self._solve_cache = None   # dict while a solve runs (see solving())
+        self.graph_capture = False  # True while cuda_graphs.GraphedSolves captures f: autocast without its cache
 
     def forward(self, t, h):  # h: (B, width, 8, 8), fp32: the solver's state and error control stay fp32
         self.nfe += 1
         if self.precision == "bf16":
-            with torch.autocast(h.device.type, dtype=torch.bfloat16):
+            with torch.autocast(h.device.type, dtype=torch.bfloat16, cache_enabled=not self.graph_capture):
                 z, last = self._layers(t, h)
             z = z if self._fused else z.float()
         elif h.is_cuda:
@@ -472,6 +477,10 @@ class NODEConfig:
                                   # f has no such noise, and the 2 fp32 evaluations would buy nothing. Measured on
                                   # an H200: 14 / 13 NFE per training step against 20 / 19 (fp32's 14 / 13),
                                   # 1.20x the images/s at tf32 and 1.37x at bf16, state errors against fp64 the same
+    cuda_graphs: bool = False     # a training solve's evaluations of f (with autograd) replayed from CUDA graphs, one
+                                  # graph pair per evaluation slot (nodekd_ray/cuda_graphs.py); nodekd's dopri5 only;
+                                  # on a CPU, and for evaluations without autograd, f runs eagerly. Off by default:
+                                  # it has run on a GPU in one lease only (README, "CUDA graphs")
 
     def solver_impl_used(self) -> str:
         """The dopri5 implementation a solve runs: solver_impl, with "auto" resolved."""
@@ -512,6 +521,10 @@ class NODEConfig:
         if self.solver_impl == "nodekd" and (self.solver != "dopri5" or self.adjoint):
             raise ConfigError("solver_impl", "'nodekd' implements dopri5 with plain backpropagation only, got "
                                              f"solver {self.solver!r}{' with the adjoint method' if self.adjoint else ''}")
+        if self.cuda_graphs and (self.solver_impl_used() != "nodekd" or self.compile):
+            raise ConfigError("cuda_graphs", "needs the nodekd solver (dopri5 with plain backpropagation) and no compile, "
+                                             f"got solver_impl {self.solver_impl_used()!r}"
+                                             f"{' with compile' if self.compile else ''}")
         for field in ("t1", "rtol", "atol"):
             v = getattr(self, field)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -543,6 +556,7 @@ class NeuralODE(nn.Module):
         self.fc = nn.Linear(w, num_classes)
         self.register_buffer("t_span", torch.tensor([0.0, float(cfg.t1)]), persistent=False)
         self._t_end = float(self.t_span[1])     # t1 as torchdiffeq sees it (through t_span), on the host
+        self._graphs = None                     # cuda_graphs.GraphedSolves, made at the first solve with cuda_graphs
         _he_init(self)
         if cfg.channels_last:   # after the init: normal_ fills storage in memory order
             self.func.to(memory_format=torch.channels_last)
@@ -565,12 +579,18 @@ class NeuralODE(nn.Module):
             options = {"max_num_steps": cfg.max_num_steps}
         solve = odeint_adjoint if cfg.adjoint else odeint
         kwargs = dict(adjoint_params=tuple(self.func.parameters())) if cfg.adjoint else {}
-        shared = contextlib.nullcontext() if cfg.adjoint else self.func.solving()
+        graphed = None
+        if cfg.cuda_graphs:
+            if self._graphs is None:
+                from .cuda_graphs import GraphedSolves
+                self._graphs = GraphedSolves(self.func)
+            graphed = self._graphs.begin(h0)
+        shared = contextlib.nullcontext() if cfg.adjoint or graphed else self.func.solving()
         try:
             with shared:
                 if cfg.solver_impl_used() == "nodekd":
                     noise_aware = cfg.step_control_used(h0.is_cuda) == "noise-aware"
-                    h = dopri5(self.func, h0, 0.0, self._t_end, rtol=cfg.rtol, atol=cfg.atol,
+                    h = dopri5(graphed or self.func, h0, 0.0, self._t_end, rtol=cfg.rtol, atol=cfg.atol,
                                max_num_steps=cfg.max_num_steps,
                                reference=self.func.reference if noise_aware else None)
                 else:

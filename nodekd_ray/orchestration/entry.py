@@ -55,6 +55,9 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     ap.add_argument("--recompute", action="store_true", default=None,
                     help="students recompute f's GroupNorm + ReLU in the backward: about half the activation "
                          "memory per NFE, for one more GroupNorm pass per layer")
+    ap.add_argument("--cuda-graphs", action="store_true", default=None,
+                    help="students replay a training solve's evaluations of f from CUDA graphs (nodekd solver; GPUs "
+                         "only; nodekd_ray/cuda_graphs.py)")
     ap.add_argument("--bf16-norms", action="store_true", default=None,
                     help="with --precision bf16: students' GroupNorm and ReLU in bf16 too (CUDA's autocast runs "
                          "GroupNorm in fp32, with a cast on each side)")
@@ -110,6 +113,8 @@ def settings_from_args(args) -> Settings:
         student["bf16_norms"] = True
     if getattr(args, "recompute", None):
         student["recompute"] = True
+    if getattr(args, "cuda_graphs", None):
+        student["cuda_graphs"] = True
     if getattr(args, "solver_impl", None) is not None:
         student["solver_impl"] = args.solver_impl
     if getattr(args, "norm_impl", None) is not None:

@@ -1,0 +1,147 @@
+"""f's evaluations in a training solve replayed from CUDA graphs (NODEConfig.cuda_graphs; plain PyTorch).
+
+Why: on a GPU the width-512 student's training step is bound by kernel launches, not arithmetic. On an
+H200 one launch from Python cost 10.5 us against 1.1 us replayed from a CUDA graph, and bf16 f with the
+Triton norms ran at 20.9% MFU eagerly against 44.5% replayed (benchmarks/bench_graphs.py, README
+"Measured on one H200").
+
+How: ``torch.cuda.make_graphed_callables`` captures a callable's forward and backward as two CUDA graphs
+inside one autograd node. One such node cannot serve a solve on its own: its inputs, outputs and saved
+activations live in static buffers, and a solve calls f 14 to 100+ times before its one backward pass, so
+each call would overwrite the activations of the one before. Here a solve's k-th evaluation of f with
+autograd is replayed from slot k, a graph pair of its own with its own input buffers, its own outputs and
+its own saved activations. Slots are captured in chunks (8, then as many again as there are, ...): one
+make_graphed_callables call per chunk, whose captures share one memory pool in the order that the
+live workload runs them, forwards 1..n then backwards n..1. A solve runs its evaluations in that order,
+and autograd runs their backwards in reverse order of creation. The backward of an evaluation in a
+rejected step never runs; that only leaves memory unread.
+
+What runs eagerly: evaluations without autograd (the first-step rule's probe, noise-aware control's
+reference, evaluation and test passes), a state or parameters that do not require grad, and every
+CPU solve. The solver's own arithmetic between evaluations stays eager too: its step control reads the
+error ratio on the host once per step.
+
+Counting: NFE forward and backward are counted per replay (_Guard), as ODEFunc counts eager calls.
+
+A second solve that reuses slot k before the first solve's backward has run would silently give the first
+solve the second's activations; _Guard's backward refuses it with a RuntimeError instead. One training
+step is one solve then its backward, which is what training and the attacks do.
+
+Graphs are kept per (state shape, strides, dtype, device, autocast state, parameter storage): a change of
+any of them (an epoch's last, smaller batch; the model moved) captures a new set of slots. The two sets used
+last are kept, so that an epoch's full batches and its last one do not recapture every epoch.
+"""
+from __future__ import annotations
+
+import torch
+
+FIRST_CHUNK = 8
+KEPT_SETS = 2
+
+
+class _Set:
+    """The slots of one key: graphed callables (slot k for a solve's k-th evaluation with autograd) and the
+    solve whose forward last ran in each."""
+
+    def __init__(self):
+        self.slots: list = []
+        self.owner: list = []
+
+
+class _Guard(torch.autograd.Function):
+    """Identity on a slot's output whose backward checks that the slot still holds this solve's
+    activations, counts one vector-Jacobian product and sets the backward's conv precision (models._count_vjp)."""
+
+    @staticmethod
+    def forward(ctx, x, graphs, index, solve):
+        ctx.graphs, ctx.index, ctx.solve = graphs, index, solve
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .models import _count_vjp
+
+        g, s = ctx.graphs
+        if s.owner[ctx.index] != ctx.solve:
+            raise RuntimeError("cuda_graphs: a solve's backward ran after another solve had reused its CUDA graphs "
+                               "(two forward passes before one backward); run each forward's backward first, or "
+                               "train without cuda_graphs")
+        _count_vjp(g.func, grad)
+        return grad, None, None, None
+
+
+class GraphedSolves:
+    """The CUDA graphs of one ODEFunc's evaluations in training solves (see the module docstring)."""
+
+    def __init__(self, func, make_graphed=None):
+        self.func = func
+        self._make = make_graphed or torch.cuda.make_graphed_callables   # tests pass an eager stand-in
+        self.sets: dict = {}         # key -> _Set, the most recently used last
+        self.current = _Set()
+        self.solves = 0              # solves that used graphs
+        self._next = 0
+        self.captures = 0            # make_graphed_callables calls (chunks captured)
+
+    @property
+    def slots(self) -> list:
+        return self.current.slots
+
+    def __deepcopy__(self, memo):    # graphs are not copied: a copy captures its own on first use
+        import copy
+
+        return GraphedSolves(copy.deepcopy(self.func, memo), self._make)
+
+    def __getstate__(self):
+        return {"func": self.func}
+
+    def __setstate__(self, state):
+        self.__init__(state["func"])
+
+    def begin(self, h0: torch.Tensor):
+        """f for dopri5 for one solve from h0: graph replay where it applies, else None (f runs eagerly)."""
+        params = tuple(self.func.parameters())
+        if not (h0.is_cuda or self._make is not torch.cuda.make_graphed_callables) or not torch.is_grad_enabled() \
+                or not h0.requires_grad or not all(p.requires_grad for p in params):
+            return None
+        key = (tuple(h0.shape), h0.stride(), h0.dtype, str(h0.device), torch.is_autocast_enabled(h0.device.type),
+               tuple(p.data_ptr() for p in params))
+        self.current = self.sets.pop(key, None) or _Set()
+        self.sets[key] = self.current
+        while len(self.sets) > KEPT_SETS:    # a pending backward keeps its own graphs alive; nothing reuses them
+            del self.sets[next(iter(self.sets))]
+        self.solves += 1
+        self._next = 0
+        return self._evaluate
+
+    def _evaluate(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not h.requires_grad:
+            return self.func(t, h)
+        s = self.current
+        if self._next == len(s.slots):
+            self._capture(s, max(FIRST_CHUNK, len(s.slots)), t, h)
+        k = self._next
+        self._next += 1
+        s.owner[k] = self.solves
+        self.func.nfe += 1
+        out = s.slots[k](t, h, *self.func.parameters())
+        return _Guard.apply(out, (self, s), k, self.solves)
+
+    def _capture(self, s: _Set, n: int, t: torch.Tensor, h: torch.Tensor):
+        f = self.func
+        counts = (f.nfe, f.nfe_backward)
+        params = tuple(f.parameters())
+
+        def evaluate(t_, h_, *_params):   # f reads its parameters itself; they are inputs for their gradients
+            return f(t_, h_)
+
+        # each slot its own input buffers: f's backward reads its saved input (GroupNorm's, the time term's t)
+        args = tuple((t.detach().clone(), h.detach().clone().requires_grad_(), *params) for _ in range(n))
+        cache, f._solve_cache = f._solve_cache, None     # each evaluation prepares its weights inside its graph
+        f.graph_capture = True                            # autocast without its weight cache (make_graphed_callables)
+        try:
+            s.slots += list(self._make(tuple(evaluate for _ in range(n)), args))
+        finally:
+            f._solve_cache, f.graph_capture = cache, False
+            f.nfe, f.nfe_backward = counts                # the captures' warm-up calls are not the solve's
+        s.owner += [None] * n
+        self.captures += 1
