@@ -33,6 +33,8 @@ last are kept, so that an epoch's full batches and its last one do not recapture
 """
 from __future__ import annotations
 
+import gc
+
 import torch
 
 FIRST_CHUNK = 8
@@ -138,9 +140,19 @@ class GraphedSolves:
         args = tuple((t.detach().clone(), h.detach().clone().requires_grad_(), *params) for _ in range(n))
         cache, f._solve_cache = f._solve_cache, None     # each evaluation prepares its weights inside its graph
         f.graph_capture = True                            # autocast without its weight cache (make_graphed_callables)
+        # No garbage collection during the capture. Before PyTorch's fix (pytorch/pytorch#195397, 2026-08-31),
+        # make_graphed_callables' graphs sit in reference cycles, so the cyclic collector frees dropped ones
+        # (an earlier model's, a dropped set's) at an arbitrary allocation; destroying a CUDA graph while another
+        # is being captured invalidates that capture. On the H200's torch 2.11 a capture failed so
+        # (benchmarks/results/h200-2026-12-04/graphs/check_graphs_synced_weights.txt). Collect first, then hold.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             s.slots += list(self._make(tuple(evaluate for _ in range(n)), args))
         finally:
+            if collecting:
+                gc.enable()
             f._solve_cache, f.graph_capture = cache, False
             f.nfe, f.nfe_backward = counts                # the captures' warm-up calls are not the solve's
         s.owner += [None] * n

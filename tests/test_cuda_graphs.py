@@ -137,3 +137,27 @@ def test_on_a_cpu_the_real_option_runs_f_eagerly():
 def test_cuda_graphs_needs_the_nodekd_solver(kw):
     with pytest.raises(ConfigError, match="cuda_graphs: needs the nodekd solver"):
         NODEConfig(cuda_graphs=True, **kw).validate()
+
+
+def test_no_garbage_collection_runs_while_a_chunk_is_captured():
+    """make_graphed_callables' graphs (before pytorch/pytorch#195397) are freed by the cyclic collector, and
+    freeing one during another capture invalidates it: the capture runs with the collector off, after a
+    collection, and the collector is back on afterwards (also when the capture fails)."""
+    import gc
+
+    seen = []
+
+    def spy(callables, sample_args):
+        seen.append(gc.isenabled())
+        if len(seen) == 2:
+            raise RuntimeError("capture failed")
+        return [lambda *a, c=c: c(*a) for c in callables]
+
+    torch.manual_seed(0)
+    graphed = NeuralODE(NODEConfig(width=16, stem_channels=8, cuda_graphs=True))
+    graphed._graphs = GraphedSolves(graphed.func, make_graphed=spy)
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="capture failed"):   # the solve needs a second chunk, whose capture fails
+        graphed(x)
+    assert seen == [False, False] and gc.isenabled()
+    assert graphed.func._solve_cache is None and graphed.func.graph_capture is False
