@@ -462,8 +462,9 @@ class NODEConfig:
                                   # autocast runs them (no casts around each layer; see _gn_relu_low)
     norm_impl: str = "torch"      # f's GroupNorm (+ ReLU): "torch" (PyTorch's ops) or "triton" (nodekd_ray/
                                   # fused_norm.py: one kernel each way, fp32 statistics, output written in the
-                                  # next conv's dtype; CUDA only). The default stays torch's until a GPU has
-                                  # measured the difference
+                                  # next conv's dtype; CUDA only). The default stays torch's: on an H200 the
+                                  # kernels were faster in some training configurations and slower in others,
+                                  # and slower per call eagerly; with cuda_graphs they pay (README)
     solver_impl: str = "auto"     # "torchdiffeq", "nodekd" (nodekd_ray/dopri5.py: torchdiffeq's dopri5 steps with
                                   # fewer device operations; dopri5 with plain backpropagation only), or "auto":
                                   # nodekd where it applies, else torchdiffeq (solver_impl_used). Measured on an
