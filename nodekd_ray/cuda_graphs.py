@@ -77,7 +77,8 @@ class GraphedSolves:
 
     def __init__(self, func, make_graphed=None):
         self.func = func
-        self._make = make_graphed or torch.cuda.make_graphed_callables   # tests pass an eager stand-in
+        self._make = make_graphed or torch.cuda.make_graphed_callables
+        self._stand_in = make_graphed is not None   # tests' eager stand-in for make_graphed_callables: runs on a CPU
         self.sets: dict = {}         # key -> _Set, the most recently used last
         self.current = _Set()
         self.solves = 0              # solves that used graphs
@@ -102,8 +103,8 @@ class GraphedSolves:
     def begin(self, h0: torch.Tensor):
         """f for dopri5 for one solve from h0: graph replay where it applies, else None (f runs eagerly)."""
         params = tuple(self.func.parameters())
-        if not (h0.is_cuda or self._make is not torch.cuda.make_graphed_callables) or not torch.is_grad_enabled() \
-                or not h0.requires_grad or not all(p.requires_grad for p in params):
+        if not (h0.is_cuda or self._stand_in) or not torch.is_grad_enabled() or not h0.requires_grad \
+                or not all(p.requires_grad for p in params):
             return None
         key = (tuple(h0.shape), h0.stride(), h0.dtype, str(h0.device), torch.is_autocast_enabled(h0.device.type),
                tuple(p.data_ptr() for p in params))
