@@ -30,6 +30,8 @@ through it, update), for each option in one run:
                          see benchmarks/bench_step_control.py)
     bf16+nodekd+noise    bf16, solver_impl "nodekd" and step_control "noise-aware" (TF32 reference evaluations)
     bf16+triton+nodekd+noise  the same with norm_impl "triton"
+    bf16+cl+...          the same with channels_last (NHWC: on an H100 one bf16 512 -> 512 conv ran forward +
+                         backward at 367 TFLOP/s NHWC against 241 NCHW, benchmarks/results/h100-2026-11-24/probe.txt)
     ...+graphs           the same with cuda_graphs (nodekd_ray/cuda_graphs.py: a solve's evaluations of f with
                          autograd replayed from CUDA graphs; GPUs only, eager on a CPU). "MFU f" and "MFU f-solve"
                          time f eagerly and are left out of these rows (benchmarks/bench_graphs.py times f in
@@ -93,6 +95,14 @@ OPTIONS = {
                                             step_control="noise-aware", cuda_graphs=True),
     "bf16+triton+nodekd+noise+graphs": dict(precision="bf16", norm_impl="triton", solver_impl="nodekd",
                                             step_control="noise-aware", cuda_graphs=True),
+    "bf16+cl+triton+nodekd+noise": dict(precision="bf16", channels_last=True, norm_impl="triton",
+                                        solver_impl="nodekd", step_control="noise-aware"),
+    "bf16+cl+triton+nodekd+noise+graphs": dict(precision="bf16", channels_last=True, norm_impl="triton",
+                                               solver_impl="nodekd", step_control="noise-aware", cuda_graphs=True),
+    "tf32+cl+triton+nodekd+noise+graphs": dict(precision="tf32", channels_last=True, norm_impl="triton",
+                                               solver_impl="nodekd", step_control="noise-aware", cuda_graphs=True),
+    "bf16+cl+nodekd+noise+graphs": dict(precision="bf16", channels_last=True, solver_impl="nodekd",
+                                        step_control="noise-aware", cuda_graphs=True),
 }
 
 
@@ -296,7 +306,7 @@ def main():
           f"f: {f_gflop(args.width):.3f} GFLOP per evaluation per image")
     print(f"measured bf16 matmul rate (MFU denominator): {peak:.2f} TFLOP/s")
     rows = {}
-    print(f"  {'option':<32} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7} "
+    print(f"  {'option':<36} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7} "
           f"{'MFU f-solve':>11} {'peak GiB':>9}", flush=True)
     for name in args.options:   # a row as soon as it is measured (a run cut short keeps its rows)
         try:
@@ -306,7 +316,7 @@ def main():
             continue
         base = rows.get("fp32-concat")
         ratio = r["images_per_s"] / base["images_per_s"] if base else float("nan")
-        print(f"  {name:<32} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
+        print(f"  {name:<36} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
               f"{r['step_tflops']:8.3f} {100 * r['step_tflops'] / peak:8.1f}% {100 * r['f_tflops'] / peak:6.1f}% "
               f"{100 * r['f_solve_tflops'] / peak:10.1f}% {r['peak_gib']:9.2f}", flush=True)
     if args.memory is not None:

@@ -30,7 +30,10 @@ ROWS = {
     "bf16": dict(precision="bf16"),
     "tf32+triton": dict(precision="tf32", norm_impl="triton"),
     "bf16+triton": dict(precision="bf16", norm_impl="triton"),
+    "bf16+cl+triton": dict(precision="bf16", norm_impl="triton", channels_last=True),
+    "tf32+cl+triton": dict(precision="tf32", norm_impl="triton", channels_last=True),
 }
+DEFAULT_ROWS = ["tf32", "bf16", "tf32+triton", "bf16+triton"]
 BOUND_LOGITS = {"tf32": 1e-4, "bf16": 1e-2}
 BOUND_GRAD = {"tf32": 1e-3, "bf16": 5e-2}
 
@@ -97,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--stem", type=int, default=64)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--t1", type=float, default=1.0)
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     ap.add_argument("--smoke", action="store_true", help="width 32, batch 8, no Triton rows: a CPU")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

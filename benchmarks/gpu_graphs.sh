@@ -4,8 +4,10 @@
 #   1. check_graphs.py: eager against graphed training steps at width 512, batch 128 (correctness);
 #   2. bench_student.py: images/s of the default path (tf32 + nodekd + noise-aware) and bf16, with and without
 #      the graphs and the Triton norms, against the fp32 path, with peak memory;
-#   3. digits_precision.sh: a width-512 bf16 digits student trained with the graphs (accuracy, PGD).
-#     PYTHONPATH=. bash benchmarks/gpu_graphs.sh OUT_DIR [PYTHON]
+#   3. profile_graphed_step.py: f's MFU inside a training step, f's evaluations bracketed by CUDA events;
+#   4. digits_precision.sh: a width-512 digits student (DIGITS_PRECISION, bf16 unless set) trained with the graphs
+#      (accuracy, PGD).
+#     PYTHONPATH=. [DIGITS_PRECISION=tf32] bash benchmarks/gpu_graphs.sh OUT_DIR [PYTHON]
 set -uo pipefail
 out=${1:?usage: gpu_graphs.sh OUT_DIR [PYTHON]}
 py=${2:-python3}
@@ -20,9 +22,11 @@ step() {
     status+=("$name: exit $rc after $((SECONDS - t0)) s")
 }
 step check_graphs 90 $py benchmarks/check_graphs.py
+step profile 120 $py benchmarks/profile_graphed_step.py
 step bench_student 120 $py benchmarks/bench_student.py --options fp32-concat tf32+nodekd+noise tf32+nodekd+noise+graphs \
     tf32+triton+nodekd+noise+graphs bf16+nodekd+noise bf16+nodekd+noise+graphs bf16+triton+nodekd+noise \
     bf16+triton+nodekd+noise+graphs --out "$out/rates.json"
-step digits 95 env PRECISIONS=bf16 KD_PRECISIONS= STUDENT_ARGS=--cuda-graphs bash benchmarks/digits_precision.sh /tmp/dg "$py"
-cp /tmp/dg/node-bf16.log "$out/digits-node-bf16.log" 2>/dev/null
+dp=${DIGITS_PRECISION:-bf16}
+step digits 95 env PRECISIONS=$dp KD_PRECISIONS= STUDENT_ARGS=--cuda-graphs bash benchmarks/digits_precision.sh /tmp/dg "$py"
+cp /tmp/dg/node-$dp.log "$out/digits-node-$dp.log" 2>/dev/null
 printf '%s\n' "== gpu_graphs.sh done in $SECONDS s" "${status[@]}" | tee "$out/status.txt"

@@ -61,12 +61,13 @@ def step(model, x, y):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("t1", [1.0, 20.0])
-def test_graphed_solves_give_eager_logits_gradients_and_nfe_over_training_steps(t1):
+@pytest.mark.parametrize("kw", [dict(t1=1.0), dict(t1=20.0), dict(t1=1.0, channels_last=True, norm_impl="triton")])
+def test_graphed_solves_give_eager_logits_gradients_and_nfe_over_training_steps(kw):
     """Two training steps with an Adam update between them (the slots read the updated weights in place), at
-    a horizon whose solves need more than the first chunk of slots: the same logits, gradients and NFE as the
-    eager student, in float64."""
-    eager, graphed = pair(t1=t1)
+    a horizon whose solves need more than the first chunk of slots, and in channels-last memory format (each
+    slot's input buffers keep the state's strides): the same logits, gradients and NFE as the eager student,
+    in float64."""
+    eager, graphed = pair(**kw)
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 3, 7])
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (eager, graphed)]
