@@ -151,7 +151,9 @@ def profile(name: str, args, device, peak: float) -> dict:
         nfe_f = (model.nfe_forward - f0) / args.steps
         nfe_b = (model.nfe_backward - b0) / args.steps
         log.on = True
+        f1, b1 = model.nfe_forward, model.nfe_backward
         marked = timed(args.steps)
+        marked_nfe = ((model.nfe_forward - f1) / args.steps, (model.nfe_backward - b1) / args.steps)
         sync(device)
         fwd, n_fwd, bwd, n_bwd = f_times(log)
     finally:
@@ -161,7 +163,7 @@ def profile(name: str, args, device, peak: float) -> dict:
     step_flop = (gf * (nfe_f + 2 * nfe_b) + 3 * stem_head_gflop(args.width, args.stem) * args.batch) * 1e9
     f_s = (fwd + bwd) / args.steps
     return {"step_s": plain, "step_s_marked": marked, "nfe_forward": nfe_f, "nfe_backward": nfe_b,
-            "bracketed_forward": n_fwd / args.steps, "bracketed_backward": n_bwd / args.steps,
+            "nfe_marked": marked_nfe, "bracketed_forward": n_fwd / args.steps, "bracketed_backward": n_bwd / args.steps,
             "f_forward_s": fwd / args.steps, "f_backward_s": bwd / args.steps, "f_s": f_s,
             "mfu_step": step_flop / plain / 1e12 / peak, "mfu_f": f_flop / (fwd + bwd) / 1e12 / peak,
             "mfu_f_forward": gf * n_fwd * 1e9 / fwd / 1e12 / peak,

@@ -422,3 +422,81 @@ def test_bench_graphs_smoke_measures_f_eagerly_and_each_rows_rate_follows_its_ti
     for *_, ms, mfu in rows:
         # printed to 4 digits, the time to 3 decimals of a ms and the MFU to 0.1 of a per cent
         assert float(mfu) == pytest.approx(100 * gflop / float(ms) / peak, rel=0.02, abs=0.06)
+
+
+def _bench_module(name: str):
+    import importlib
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_profile_graphed_step_pairs_each_evaluations_backward_by_its_own_marks():
+    """profile_graphed_step.f_times: forward intervals summed as recorded; a backward interval runs from its
+    evaluation's start mark to its own end mark even when another evaluation's marks fall in between; an
+    evaluation whose backward never ran (a rejected step) counts forward only; a start without its end is an error."""
+    prof = _bench_module("profile_graphed_step")
+
+    class Clock:   # marks are plain numbers of seconds
+        def seconds(self, a, b):
+            return b - a
+
+    log = prof.Log(Clock())
+    log += [(("forward", 0), 0.0, 1.0), (("forward", 1), 1.0, 1.5), (("forward", 2), 2.0, 4.0),
+            (("backward_start", 1), 10.0), (("backward_start", 0), 10.5), (("backward_end", 1), 11.0),
+            (("backward_end", 0), 13.0)]
+    assert prof.f_times(log) == (3.5, 3, 3.5, 2)
+    log.append((("backward_start", 2), 20.0))
+    with pytest.raises(RuntimeError, match="never ended"):
+        prof.f_times(log)
+
+
+def test_profile_graphed_step_brackets_every_graphed_evaluation_with_autograd():
+    """On a CPU with the tests' stand-in for make_graphed_callables (tests/test_cuda_graphs.py), the graphed path
+    runs: every evaluation of f with autograd is bracketed forward (NFE less the first-step rule's probe, which
+    has no autograd) and backward (all of the backward NFE), f's time is inside the step's, and the MFU figures
+    are the FLOPs over those times."""
+    import torch
+
+    from nodekd_ray.cuda_graphs import GraphedSolves
+    from test_cuda_graphs import static_slots
+
+    prof = _bench_module("profile_graphed_step")
+    bench = _bench_module("bench_student")
+    integrate = NeuralODE.integrate
+
+    def graphed_integrate(self, h0):
+        if self.cfg.cuda_graphs and self._graphs is None:
+            self._graphs = GraphedSolves(self.func, make_graphed=lambda c, a: static_slots(c, a, self.func))
+        return integrate(self, h0)
+
+    class Args:
+        width, stem, batch, t1, steps, warmup = 16, 8, 4, 1.0, 2, 1
+
+    NeuralODE.integrate = graphed_integrate
+    try:
+        r = prof.profile("tf32+nodekd+noise+graphs", Args, torch.device("cpu"), peak=1.0)
+    finally:
+        NeuralODE.integrate = integrate
+    assert r["graph_solves"] == 5                     # 1 warm-up + 2 plain + 2 marked steps, each one solve
+    nfe_f, nfe_b = r["nfe_marked"]                    # Adam moves the weights: NFE can differ between steps
+    assert r["bracketed_forward"] == nfe_f - 1 and r["bracketed_backward"] == nfe_b > 0
+    assert 0 < r["f_s"] < r["step_s_marked"] and r["f_share"] == pytest.approx(r["f_s"] / r["step_s_marked"])
+    gf = bench.f_gflop(16) * 4 * 1e9
+    assert r["mfu_f_forward"] == pytest.approx(gf * r["bracketed_forward"] / r["f_forward_s"] / 1e12)
+    assert r["mfu_f"] == pytest.approx(gf * (r["bracketed_forward"] + 2 * r["bracketed_backward"]) / r["f_s"] / 1e12)
+
+
+def test_profile_kernels_sorts_kernel_names_into_kinds():
+    kind = _bench_module("profile_kernels").kind
+    assert kind("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv/gemm"
+    assert kind("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>") == "conv/gemm"
+    assert kind("gn_bwd") == "other" and kind("triton_poi_fused_add_0") == "triton"
+    assert kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>") == "elementwise"
+    assert kind("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<c10::BFloat16>>") == "reduce"
+    assert kind("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>") == "copy"
