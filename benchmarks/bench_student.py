@@ -332,14 +332,15 @@ def main():
     if args.out:
         # the default student's solver at its default precision, tf32; its FLOPs count the forward NFE it takes.
         # Not the noise-aware row: a costs file's NFE (nfe_forward, or sweep.node_nfe_guess) are plain
-        # control's, and noise-aware's fewer NFE per step would make its TFLOP/s lower, not its time
-        name = next((n for n in ("tf32+nodekd", "tf32") if n in rows), next(iter(rows)))
-        default = rows[name]
+        # control's, and noise-aware's fewer NFE per step would make its TFLOP/s lower, not its time. Without
+        # either row no student rate is written: another row's would misstate the default's cost
+        name = next((n for n in ("tf32+nodekd", "tf32") if n in rows), None)
+        rates = {"teacher": t_rate} if name is None else {"student": rows[name]["step_tflops"], "teacher": t_rate}
         with open(args.out, "w") as f:
             json.dump({"device": describe_device(device), "width": args.width, "batch": args.batch,
-                       "bf16_matmul_tflops": peak, "options": rows,
-                       "rates": {"student": default["step_tflops"], "teacher": t_rate}}, f, indent=1)
-        print(f"rates (student: row {name}) -> {args.out}: use with --dry-run --costs")
+                       "bf16_matmul_tflops": peak, "options": rows, "rates": rates}, f, indent=1)
+        print(f"rates (student: {'row ' + name if name else 'none: rows tf32+nodekd and tf32 not run'}) -> "
+              f"{args.out}: use with --dry-run --costs")
     return 0
 
 
