@@ -32,6 +32,8 @@ through it, update), for each option in one run:
     bf16+triton+nodekd+noise  the same with norm_impl "triton"
     bf16+cl+...          the same with channels_last (NHWC: on an H100 one bf16 512 -> 512 conv ran forward +
                          backward at 367 TFLOP/s NHWC against 241 NCHW, benchmarks/results/h100-2026-11-24/probe.txt)
+    ...+graphs+shared    the same with the graphs taking a solve's shared inputs (prepared weights, gradient sums;
+                         models.GraphSolveInputs), not yet the default
     ...+graphs           the same with cuda_graphs (nodekd_ray/cuda_graphs.py: a solve's evaluations of f with
                          autograd replayed from CUDA graphs; GPUs only, eager on a CPU). "MFU f" and "MFU f-solve"
                          time f eagerly and are left out of these rows (benchmarks/bench_graphs.py times f in
@@ -104,6 +106,21 @@ OPTIONS = {
     "bf16+cl+nodekd+noise+graphs": dict(precision="bf16", channels_last=True, solver_impl="nodekd",
                                         step_control="noise-aware", cuda_graphs=True),
 }
+for _name in ("tf32+triton+nodekd+noise+graphs", "bf16+triton+nodekd+noise+graphs", "bf16+cl+triton+nodekd+noise+graphs"):
+    OPTIONS[_name + "+shared"] = dict(OPTIONS[_name], share_graph_inputs=True)
+
+
+def make_student(opts: dict, **cfg) -> NeuralODE:
+    """The student of an OPTIONS row (on the CPU); share_graph_inputs: its CUDA graphs take a solve's shared
+    inputs (cuda_graphs.GraphedSolves(share_inputs=True), models.GraphSolveInputs), not yet the default."""
+    opts = dict(opts)
+    share = opts.pop("share_graph_inputs", False)
+    model = NeuralODE(NODEConfig(**cfg, **{**BASELINE, **opts}))
+    if share:
+        from nodekd_ray.cuda_graphs import GraphedSolves
+
+        model._graphs = GraphedSolves(model.func, share_inputs=True)
+    return model
 
 
 def f_gflop(width: int, layers: int = 4, hw: int = 64, time_channel: bool = True) -> float:
@@ -140,8 +157,8 @@ def bench(opts: dict, args, device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    cfg = NODEConfig(width=args.width, stem_channels=args.stem, t1=args.t1, **{**BASELINE, **opts})
-    model = NeuralODE(cfg).to(device)
+    model = make_student(opts, width=args.width, stem_channels=args.stem, t1=args.t1).to(device)
+    cfg = model.cfg
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
@@ -306,7 +323,7 @@ def main():
           f"f: {f_gflop(args.width):.3f} GFLOP per evaluation per image")
     print(f"measured bf16 matmul rate (MFU denominator): {peak:.2f} TFLOP/s")
     rows = {}
-    print(f"  {'option':<36} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7} "
+    print(f"  {'option':<42} {'img/s':>9} {'x base':>7} {'NFE f/b':>9} {'TFLOP/s':>8} {'MFU step':>9} {'MFU f':>7} "
           f"{'MFU f-solve':>11} {'peak GiB':>9}", flush=True)
     for name in args.options:   # a row as soon as it is measured (a run cut short keeps its rows)
         try:
@@ -316,7 +333,7 @@ def main():
             continue
         base = rows.get("fp32-concat")
         ratio = r["images_per_s"] / base["images_per_s"] if base else float("nan")
-        print(f"  {name:<36} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
+        print(f"  {name:<42} {r['images_per_s']:9.1f} {ratio:7.2f} {r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} "
               f"{r['step_tflops']:8.3f} {100 * r['step_tflops'] / peak:8.1f}% {100 * r['f_tflops'] / peak:6.1f}% "
               f"{100 * r['f_solve_tflops'] / peak:10.1f}% {r['peak_gib']:9.2f}", flush=True)
     if args.memory is not None:

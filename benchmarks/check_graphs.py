@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nodekd_ray.cuda_graphs import GraphedSolves
 from nodekd_ray.devices import describe_device
 from nodekd_ray.models import NODEConfig, NeuralODE
 
@@ -33,6 +34,8 @@ ROWS = {
     "bf16+cl+triton": dict(precision="bf16", norm_impl="triton", channels_last=True),
     "tf32+cl+triton": dict(precision="tf32", norm_impl="triton", channels_last=True),
 }
+for _name in ("tf32+triton", "bf16+triton", "bf16+cl+triton"):   # graphs with a solve's shared inputs
+    ROWS[_name + "+shared"] = dict(ROWS[_name], share_graph_inputs=True)
 DEFAULT_ROWS = ["tf32", "bf16", "tf32+triton", "bf16+triton"]
 BOUND_LOGITS = {"tf32": 1e-4, "bf16": 1e-2}
 BOUND_GRAD = {"tf32": 1e-3, "bf16": 5e-2}
@@ -55,10 +58,14 @@ def step(model, opt, x, y):
 
 def check_row(name: str, opts: dict, args, device) -> bool:
     torch.manual_seed(0)
+    opts = dict(opts)
+    share = opts.pop("share_graph_inputs", False)
     cfg = dict(width=args.width, stem_channels=args.stem, t1=args.t1, **opts)
     eager = NeuralODE(NODEConfig(**cfg)).to(device)
     graphed = NeuralODE(NODEConfig(**cfg, cuda_graphs=True)).to(device)
     graphed.load_state_dict(eager.state_dict())
+    if share:   # the graphs take a solve's shared inputs (models.GraphSolveInputs): not yet the default
+        graphed._graphs = GraphedSolves(graphed.func, share_inputs=True)
     opt_e = torch.optim.Adam(eager.parameters(), lr=1e-3)
     opt_g = torch.optim.Adam(graphed.parameters(), lr=1e-3)
     x = torch.rand(args.batch, 3, 32, 32, device=device)
@@ -102,8 +109,11 @@ def main(argv=None):
     ap.add_argument("--t1", type=float, default=1.0)
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     ap.add_argument("--smoke", action="store_true", help="width 32, batch 8, no Triton rows: a CPU")
+    ap.add_argument("--shared", action="store_true", help="the default rows, then their +shared rows")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.shared:
+        args.rows = args.rows + [r + "+shared" for r in args.rows if r + "+shared" in ROWS and r + "+shared" not in args.rows]
     if args.smoke:
         args.width, args.stem, args.batch = 32, 16, 8
         args.rows = [r for r in args.rows if "triton" not in r]

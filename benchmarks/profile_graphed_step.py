@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_student import BASELINE, OPTIONS, f_gflop, matmul_rate, stem_head_gflop, sync  # noqa: E402
+from bench_student import OPTIONS, f_gflop, make_student, matmul_rate, stem_head_gflop, sync  # noqa: E402
 
 import nodekd_ray.models as models  # noqa: E402
 from nodekd_ray.devices import describe_device  # noqa: E402
-from nodekd_ray.models import NODEConfig, NeuralODE  # noqa: E402
 
-DEFAULT_OPTIONS = ["bf16+triton+nodekd+noise+graphs", "bf16+triton+nodekd+noise", "tf32+triton+nodekd+noise+graphs",
-                   "tf32+nodekd+noise+graphs", "tf32+nodekd+noise"]
+DEFAULT_OPTIONS = ["bf16+triton+nodekd+noise+graphs+shared", "bf16+triton+nodekd+noise+graphs", "bf16+triton+nodekd+noise",
+                   "tf32+triton+nodekd+noise+graphs+shared", "tf32+triton+nodekd+noise+graphs", "tf32+nodekd+noise+graphs",
+                   "tf32+nodekd+noise"]
 
 
 class Clock:
@@ -121,8 +121,7 @@ def f_times(log: Log) -> tuple[float, int, float, int]:
 
 def profile(name: str, args, device, peak: float) -> dict:
     torch.manual_seed(0)
-    cfg = NODEConfig(width=args.width, stem_channels=args.stem, t1=args.t1, **{**BASELINE, **OPTIONS[name]})
-    model = NeuralODE(cfg).to(device)
+    model = make_student(OPTIONS[name], width=args.width, stem_channels=args.stem, t1=args.t1).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
@@ -190,7 +189,7 @@ def main():
     print(f"device: {describe_device(device)}; torch {torch.__version__}")
     print(f"NODE width {args.width}, batch {args.batch}, 8x8 state, t1 {args.t1:g}, dopri5 1e-3; {args.steps} steps; "
           f"bf16 matmul rate (MFU denominator) {peak:.2f} TFLOP/s")
-    print(f"  {'option':<36} {'step ms':>8} {'marked':>7} {'NFE f/b':>9} {'f fwd ms':>9} {'f bwd ms':>9} "
+    print(f"  {'option':<42} {'step ms':>8} {'marked':>7} {'NFE f/b':>9} {'f fwd ms':>9} {'f bwd ms':>9} "
           f"{'f share':>8} {'rest ms':>8} {'MFU step':>9} {'MFU f':>6} {'(fwd':>6} {'bwd)':>6}", flush=True)
     for name in args.options:
         try:
@@ -198,7 +197,7 @@ def main():
         except Exception as e:  # noqa: BLE001 -- a capture that fails: its row says so, the others run
             print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}", flush=True)
             continue
-        print(f"  {name:<36} {1e3 * r['step_s']:8.1f} {1e3 * r['step_s_marked']:7.1f} "
+        print(f"  {name:<42} {1e3 * r['step_s']:8.1f} {1e3 * r['step_s_marked']:7.1f} "
               f"{r['nfe_forward']:4.1f}/{r['nfe_backward']:<4.1f} {1e3 * r['f_forward_s']:9.2f} "
               f"{1e3 * r['f_backward_s']:9.2f} {100 * r['f_share']:7.1f}% {1e3 * r['rest_s']:8.2f} "
               f"{100 * r['mfu_step']:8.1f}% {100 * r['mfu_f']:5.1f}% {100 * r['mfu_f_forward']:5.1f}% "

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_student import BASELINE, OPTIONS, f_gflop, matmul_rate, sync  # noqa: E402
+from bench_student import OPTIONS, f_gflop, make_student, matmul_rate, sync  # noqa: E402
 
 from nodekd_ray.devices import describe_device  # noqa: E402
-from nodekd_ray.models import NODEConfig, NeuralODE  # noqa: E402
 
-DEFAULT_OPTIONS = ["bf16+triton+nodekd+noise", "bf16+triton+nodekd+noise+graphs", "tf32+nodekd+noise"]
+DEFAULT_OPTIONS = ["bf16+triton+nodekd+noise", "bf16+triton+nodekd+noise+graphs", "bf16+triton+nodekd+noise+graphs+shared",
+                   "tf32+nodekd+noise"]
 KINDS = (   # first match wins; names lower-cased
     ("triton", ("triton",)),
     ("conv/gemm", ("conv", "gemm", "xmma", "cutlass", "sm90", "sm80", "wgrad", "dgrad", "fprop", "cudnn", "implicit")),
@@ -49,8 +49,8 @@ def kind(name: str) -> str:
 
 def profile_option(name: str, args, device, peak: float) -> None:
     torch.manual_seed(0)
-    cfg = NODEConfig(width=args.width, stem_channels=args.stem, t1=args.t1, **{**BASELINE, **OPTIONS[name]})
-    model = NeuralODE(cfg).to(device)
+    model = make_student(OPTIONS[name], width=args.width, stem_channels=args.stem, t1=args.t1).to(device)
+    cfg = model.cfg
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)

@@ -16,6 +16,17 @@ live workload runs them, forwards 1..n then backwards n..1. A solve runs its eva
 and autograd runs their backwards in reverse order of creation. The backward of an evaluation in a
 rejected step never runs; that only leaves memory unread.
 
+A solve's shared inputs (share_inputs, not yet the default): an eager solve prepares each conv's weights
+once and the Triton norms sum their parameters' gradients over its evaluations (ODEFunc.solving). Graphs of
+single evaluations cannot reach that per-solve state, so by default each replays its own weight preparation
+and hands autograd its own parameter gradients. On an H200 that cost 925 kernels and 4.1 ms per training step
+(README, "f's MFU inside a training step"). With share_inputs, for f's fused path, the slots take (t, h) only,
+and the state lives in fixed buffers (models.GraphSolveInputs). Each solve fills the prepared weights and
+responses and clears the sums. Inside the graphs the norms add into the sums, and the convs add their weight
+gradients (models._ConvInto). A node on the solve's initial state hands the sums to autograd once, after every
+evaluation's backward. make_graphed_callables' warm-up passes add into the sums while a chunk is captured,
+so they are saved before each capture and restored after.
+
 What runs eagerly: evaluations without autograd (the first-step rule's probe, noise-aware control's
 reference, evaluation and test passes), a state or parameters that do not require grad, and every
 CPU solve. The solver's own arithmetic between evaluations stays eager too: its step control reads the
@@ -49,6 +60,7 @@ class _Set:
     def __init__(self):
         self.slots: list = []
         self.owner: list = []
+        self.inputs = None           # models.GraphSolveInputs, where f's graphs take a solve's shared inputs
 
 
 class _Guard(torch.autograd.Function):
@@ -83,8 +95,12 @@ warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does
 class GraphedSolves:
     """The CUDA graphs of one ODEFunc's evaluations in training solves (see the module docstring)."""
 
-    def __init__(self, func, make_graphed=None):
+    def __init__(self, func, make_graphed=None, share_inputs: bool = False):
         self.func = func
+        # f's graphs take a solve's shared inputs where f allows (models.GraphSolveInputs). Off by default until it
+        # has run on a GPU: bit-identical to the eager student on a CPU (tests/test_cuda_graphs.py), not yet
+        # captured by real CUDA graphs (benchmarks/check_graphs.py's "+shared" rows)
+        self.share_inputs = share_inputs
         self._make = make_graphed or torch.cuda.make_graphed_callables
         self._stand_in = make_graphed is not None   # tests' eager stand-in for make_graphed_callables: runs on a CPU
         self.sets: dict = {}         # key -> _Set, the most recently used last
@@ -100,20 +116,21 @@ class GraphedSolves:
     def __deepcopy__(self, memo):    # graphs are not copied: a copy captures its own on first use
         import copy
 
-        return GraphedSolves(copy.deepcopy(self.func, memo), self._make)
+        return GraphedSolves(copy.deepcopy(self.func, memo), self._make, self.share_inputs)
 
     def __getstate__(self):
-        return {"func": self.func}
+        return {"func": self.func, "share_inputs": self.share_inputs}
 
     def __setstate__(self, state):
-        self.__init__(state["func"])
+        self.__init__(state["func"], share_inputs=state.get("share_inputs", False))
 
     def begin(self, h0: torch.Tensor):
-        """f for dopri5 for one solve from h0: graph replay where it applies, else None (f runs eagerly)."""
+        """(f for dopri5, the initial state) for one solve from h0: graph replay where it applies, else (None, h0)
+        (f runs eagerly). With shared inputs, the state returned carries the node that delivers their sums."""
         params = tuple(self.func.parameters())
         if not (h0.is_cuda or self._stand_in) or not torch.is_grad_enabled() or not h0.requires_grad \
                 or not all(p.requires_grad for p in params):
-            return None
+            return None, h0
         key = (tuple(h0.shape), h0.stride(), h0.dtype, str(h0.device), torch.is_autocast_enabled(h0.device.type),
                tuple(p.data_ptr() for p in params))
         self.current = self.sets.pop(key, None) or _Set()
@@ -122,7 +139,13 @@ class GraphedSolves:
             del self.sets[next(iter(self.sets))]
         self.solves += 1
         self._next = 0
-        return self._evaluate
+        if self.share_inputs and self.func.can_share_graph_inputs(h0):
+            from .models import GraphSolveInputs
+
+            if self.current.inputs is None:
+                self.current.inputs = GraphSolveInputs(self.func, h0)
+            h0 = self.current.inputs.start(self.func, h0)
+        return self._evaluate, h0
 
     def _evaluate(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or not h.requires_grad:
@@ -134,7 +157,7 @@ class GraphedSolves:
         self._next += 1
         s.owner[k] = self.solves
         self.func.nfe += 1
-        out = s.slots[k](t, h, *self.func.parameters())
+        out = s.slots[k](t, h) if s.inputs is not None else s.slots[k](t, h, *self.func.parameters())
         return _Guard.apply(out, (self, s), k, self.solves)
 
     def _capture(self, s: _Set, n: int, t: torch.Tensor, h: torch.Tensor):
@@ -145,10 +168,15 @@ class GraphedSolves:
         def evaluate(t_, h_, *_params):   # f reads its parameters itself; they are inputs for their gradients
             return f(t_, h_)
 
-        # each slot its own input buffers: f's backward reads its saved input (GroupNorm's, the time term's t)
-        args = tuple((t.detach().clone(), h.detach().clone().requires_grad_(), *params) for _ in range(n))
-        cache, f._solve_cache = f._solve_cache, None     # each evaluation prepares its weights inside its graph
+        # each slot its own input buffers: f's backward reads its saved input (GroupNorm's, the time term's t).
+        # With shared inputs, the parameters' gradients go to s.inputs' sums instead: they are no inputs.
+        shared = s.inputs
+        args = tuple((t.detach().clone(), h.detach().clone().requires_grad_(), *(() if shared else params))
+                     for _ in range(n))
+        cache, f._solve_cache = f._solve_cache, None     # no eager solve cache inside a graph
         f.graph_capture = True                            # autocast without its weight cache (make_graphed_callables)
+        f.graph_inputs = shared
+        sums = shared.saved() if shared else None         # the warm-up backward passes add into them
         # No garbage collection during the capture. Before PyTorch's fix (pytorch/pytorch#195397, 2026-08-31),
         # make_graphed_callables' graphs sit in reference cycles, so the cyclic collector frees dropped ones
         # (an earlier model's, a dropped set's) at an arbitrary allocation; destroying a CUDA graph while another
@@ -162,7 +190,9 @@ class GraphedSolves:
         finally:
             if collecting:
                 gc.enable()
-            f._solve_cache, f.graph_capture = cache, False
+            f._solve_cache, f.graph_capture, f.graph_inputs = cache, False, None
             f.nfe, f.nfe_backward = counts                # the captures' warm-up calls are not the solve's
+            if shared:
+                shared.restore(sums)
         s.owner += [None] * n
         self.captures += 1

@@ -302,6 +302,12 @@ class _GroupNormAct(torch.autograd.Function):
                 dt, dr, None, None, None, None, None)
 
 
+def kernels_apply(x: torch.Tensor, groups: int) -> bool:
+    """Whether group_norm_act runs the kernels on x (else PyTorch's ops, which ignore ``acc``)."""
+    n, c, h, w = x.shape
+    return not (c % groups or (c // groups) * h * w > MAX_GROUP) and (x.is_cuda or interpreting())
+
+
 def group_norm_act(x: torch.Tensor, groups: int, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
                    relu: bool = True, out_dtype: torch.dtype | None = None, time=None, bias=None,
                    acc: SolveGrads | None = None) -> torch.Tensor:
@@ -318,8 +324,7 @@ def group_norm_act(x: torch.Tensor, groups: int, gamma: torch.Tensor, beta: torc
     if out_dtype is None:
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    n, c, h, w = x.shape
-    if c % groups or (c // groups) * h * w > MAX_GROUP or not (x.is_cuda or interpreting()):
+    if not kernels_apply(x, groups):
         # PyTorch's ops with the kernels' arithmetic (fp32 statistics and affine): groups too large for
         # one program, and CPU tensors outside the interpreter (an attack or evaluation of a student
         # trained with norm_impl "triton" on a CPU; train_student refuses to train one there)

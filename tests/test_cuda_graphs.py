@@ -15,17 +15,28 @@ from nodekd_ray.models import NODEConfig, NeuralODE
 def static_slots(callables, sample_args, func):
     """Like make_graphed_callables: one autograd node per slot; the slot's inputs are copied into its own
     buffers, and its backward differentiates the slot's last forward, whatever that was. Replays run no
-    Python, so f's own counting is undone here (GraphedSolves counts replays)."""
+    Python, so f's own counting is undone here (GraphedSolves counts replays). A replay runs f as it was
+    captured: with the solve's shared inputs (func.graph_inputs) where they were set for the capture. Like
+    make_graphed_callables, each slot first runs a warm-up forward and backward (whose side effects, such as
+    sums added into shared inputs, GraphedSolves must undo)."""
     slots = []
+    shared = func.graph_inputs
 
     def uncounted(run):
-        counts = (func.nfe, func.nfe_backward)
-        out = run()
+        counts, inputs = (func.nfe, func.nfe_backward), func.graph_inputs
+        func.graph_inputs = shared
+        try:
+            out = run()
+        finally:
+            func.graph_inputs = inputs
         func.nfe, func.nfe_backward = counts
         return out
 
     for fn, static in zip(callables, sample_args):
         state = {}
+        with torch.enable_grad():   # the warm-up
+            y = uncounted(lambda: fn(*static))
+            uncounted(lambda: torch.autograd.grad(y, [x for x in static if x.requires_grad], torch.ones_like(y)))
 
         class Slot(torch.autograd.Function):
             @staticmethod
@@ -162,3 +173,60 @@ def test_no_garbage_collection_runs_while_a_chunk_is_captured():
         graphed(x)
     assert seen == [False, False] and gc.isenabled()
     assert graphed.func._solve_cache is None and graphed.func.graph_capture is False
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize("precision,channels_last", [("fp32", False), ("bf16", True)])
+def test_graphs_with_a_solves_shared_inputs_give_the_eager_students_logits_and_gradients_exactly(
+        interpret, precision, channels_last):
+    """f's fused path (Triton norms, here in Triton's interpreter) takes a solve's shared inputs in the graphs
+    (models.GraphSolveInputs): the slots take only (t, h); the convs read the solve's prepared weights and add
+    their weight gradients into its buffers, the norms their parameters' gradients, and the sums reach autograd
+    once per solve. That is the arithmetic of the eager solve (ODEFunc.solving, fused_norm.SolveGrads), so the
+    logits and every gradient are bit for bit the eager ones, over Adam steps, with the stand-in's warm-up
+    passes adding into the sums during each capture (GraphedSolves restores them) and a forward whose backward
+    never ran before the second step (the next solve starts its sums afresh)."""
+    torch.manual_seed(0)
+    cfg = dict(width=16, stem_channels=8, precision=precision, norm_impl="triton", channels_last=channels_last)
+    eager = NeuralODE(NODEConfig(**cfg))
+    graphed = NeuralODE(NODEConfig(**cfg, cuda_graphs=True))
+    graphed.load_state_dict(eager.state_dict())
+    graphed._graphs = GraphedSolves(graphed.func, make_graphed=lambda c, a: static_slots(c, a, graphed.func),
+                                    share_inputs=True)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 3, 7])
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (eager, graphed)]
+    for i in range(2):
+        if i == 1:
+            graphed(x + 0.5)                          # its backward never runs: its sums must not leak
+        before = [(m.nfe_forward, m.nfe_backward) for m in (eager, graphed)]
+        (la, ga), (lb, gb) = step(eager, x, y), step(graphed, x, y)
+        assert torch.equal(la, lb)
+        for n in ga:
+            assert torch.equal(ga[n], gb[n]), n
+        (ef, eb), (gf, gbw) = before
+        assert (eager.nfe_forward - ef, eager.nfe_backward - eb) == (graphed.nfe_forward - gf, graphed.nfe_backward - gbw)
+        for o in opts:
+            o.step()
+    g = graphed._graphs
+    assert g.current.inputs is not None and g.captures >= 2          # chunks of 8 then 8 or more
+    assert all(s.slots for s in g.sets.values())
+
+
+def test_without_the_kernels_the_graphs_take_the_parameters_per_evaluation():
+    """PyTorch's fallback ops (a CPU outside the interpreter) would not add into a solve's sums: there f's
+    graphs take the parameters as inputs, per evaluation, as for PyTorch's norms, even when asked to share."""
+    _, graphed = pair(norm_impl="triton")
+    graphed._graphs.share_inputs = True
+    step(graphed, torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.arange(2))
+    assert graphed._graphs.current.inputs is None and graphed._graphs.slots
+
+
+def test_shared_inputs_are_not_yet_the_default():
+    """The models' graphs take the parameters per evaluation until the shared inputs have run on a GPU."""
+    assert GraphedSolves(NeuralODE(NODEConfig(width=16, stem_channels=8)).func).share_inputs is False
