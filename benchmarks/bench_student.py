@@ -152,6 +152,21 @@ def matmul_rate(device, n: int, dtype=torch.bfloat16, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def train_step(model, batch: int, device, optimizer=torch.optim.Adam, **opt_kw):
+    """One training step of ``model`` on a fixed random batch of CIFAR-shaped images (forward, backward,
+    update: the benchmarks' unit of work), as a function of no arguments."""
+    opt = optimizer(model.parameters(), **(opt_kw or dict(lr=1e-3)))
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
 def bench(opts: dict, args, device) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -159,15 +174,7 @@ def bench(opts: dict, args, device) -> dict:
     torch.manual_seed(0)
     model = make_student(opts, width=args.width, stem_channels=args.stem, t1=args.t1).to(device)
     cfg = model.cfg
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.rand(args.batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
+    step = train_step(model, args.batch, device)
     for _ in range(args.warmup):
         step()
     sync(device)
@@ -227,15 +234,7 @@ def teacher_rate(args, device) -> float:
 
     torch.manual_seed(0)
     model = build_model("resnet20").to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.rand(args.batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
+    step = train_step(model, args.batch, device, torch.optim.SGD, lr=0.1, momentum=0.9)
     for _ in range(args.warmup):
         step()
     sync(device)

@@ -9,15 +9,7 @@ set -uo pipefail
 out=${1:?usage: gpu_channels_last.sh OUT_DIR [PYTHON]}
 py=${2:-python3}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-status=()
-step() {
-    local name=$1 limit=$2 t0=$SECONDS rc; shift 2
-    echo "== $name (limit ${limit}s)"
-    timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
-    rc=${PIPESTATUS[0]}
-    status+=("$name: exit $rc after $((SECONDS - t0)) s")
-}
+. "$(dirname "$0")/steps.sh"
 opts=(bf16+cl+triton+nodekd+noise+graphs bf16+triton+nodekd+noise+graphs tf32+cl+triton+nodekd+noise+graphs
       tf32+triton+nodekd+noise+graphs bf16+cl+nodekd+noise+graphs bf16+cl+triton+nodekd+noise)
 step check_graphs 60 $py benchmarks/check_graphs.py --rows bf16+cl+triton tf32+cl+triton
@@ -25,4 +17,4 @@ step profile 75 $py benchmarks/profile_graphed_step.py --options "${opts[@]}"
 step bench_student 75 $py benchmarks/bench_student.py --options fp32-concat "${opts[@]}" --out "$out/rates.json"
 step digits 120 env PRECISIONS=bf16 KD_PRECISIONS= STUDENT_ARGS="--cuda-graphs --channels-last --norm-impl triton" \
     bash benchmarks/digits_precision.sh /tmp/dcl "$py"
-printf '%s\n' "== gpu_channels_last.sh done in $SECONDS s" "${status[@]}" | tee "$out/status.txt"
+finish gpu_channels_last.sh

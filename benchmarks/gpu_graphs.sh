@@ -14,15 +14,7 @@ set -uo pipefail
 out=${1:?usage: gpu_graphs.sh OUT_DIR [PYTHON]}
 py=${2:-python3}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-status=()
-step() {
-    local name=$1 limit=$2 t0=$SECONDS rc; shift 2
-    echo "== $name (limit ${limit}s)"
-    timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
-    rc=${PIPESTATUS[0]}
-    status+=("$name: exit $rc after $((SECONDS - t0)) s")
-}
+. "$(dirname "$0")/steps.sh"
 step check_graphs 100 $py benchmarks/check_graphs.py --shared
 step profile 90 $py benchmarks/profile_graphed_step.py
 step kernels 60 $py benchmarks/profile_kernels.py --options bf16+triton+nodekd+noise+graphs \
@@ -33,4 +25,4 @@ step bench_student 100 $py benchmarks/bench_student.py --options fp32-concat tf3
 dp=${DIGITS_PRECISION:-bf16}
 step digits 120 env PRECISIONS=$dp KD_PRECISIONS= STUDENT_ARGS=--cuda-graphs bash benchmarks/digits_precision.sh /tmp/dg "$py"
 cp /tmp/dg/node-$dp.log "$out/digits-node-$dp.log" 2>/dev/null
-printf '%s\n' "== gpu_graphs.sh done in $SECONDS s" "${status[@]}" | tee "$out/status.txt"
+finish gpu_graphs.sh

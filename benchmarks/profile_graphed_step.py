@@ -31,10 +31,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_student import OPTIONS, f_gflop, make_student, matmul_rate, stem_head_gflop, sync  # noqa: E402
+from bench_student import OPTIONS, train_step, f_gflop, make_student, matmul_rate, stem_head_gflop, sync  # noqa: E402
 
 import nodekd_ray.models as models  # noqa: E402
 from nodekd_ray.devices import describe_device  # noqa: E402
@@ -122,17 +121,10 @@ def f_times(log: Log) -> tuple[float, int, float, int]:
 def profile(name: str, args, device, peak: float) -> dict:
     torch.manual_seed(0)
     model = make_student(OPTIONS[name], width=args.width, stem_channels=args.stem, t1=args.t1).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.rand(args.batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    step = train_step(model, args.batch, device)
     log = Log(Clock(device))
     solver = models.dopri5
     models.dopri5 = lambda f, *a, **kw: solver(bracketed(f, log), *a, **kw)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
 
     def timed(steps: int) -> float:
         sync(device)

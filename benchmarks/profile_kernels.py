@@ -23,11 +23,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_student import OPTIONS, f_gflop, make_student, matmul_rate, sync  # noqa: E402
+from bench_student import OPTIONS, train_step, f_gflop, make_student, matmul_rate, sync  # noqa: E402
 
 from nodekd_ray.devices import describe_device  # noqa: E402
 
@@ -51,14 +50,7 @@ def profile_option(name: str, args, device, peak: float) -> None:
     torch.manual_seed(0)
     model = make_student(OPTIONS[name], width=args.width, stem_channels=args.stem, t1=args.t1).to(device)
     cfg = model.cfg
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.rand(args.batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    step = train_step(model, args.batch, device)
 
     for _ in range(args.warmup):
         step()
