@@ -167,17 +167,24 @@ def train_step(model, batch: int, device, optimizer=torch.optim.Adam, **opt_kw):
     return step
 
 
-def bench(opts: dict, args, device) -> dict:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+def warmed_student(opts: dict, args, device):
+    """(model, its training step) for an OPTIONS row at args' width, stem, horizon and batch, seeded, after
+    args.warmup steps (the first captures CUDA graphs, tunes kernels, compiles)."""
     torch.manual_seed(0)
     model = make_student(opts, width=args.width, stem_channels=args.stem, t1=args.t1).to(device)
-    cfg = model.cfg
     step = train_step(model, args.batch, device)
     for _ in range(args.warmup):
         step()
     sync(device)
+    return model, step
+
+
+def bench(opts: dict, args, device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, step = warmed_student(opts, args, device)
+    cfg = model.cfg
     f0, b0 = model.nfe_forward, model.nfe_backward
     t0 = time.perf_counter()
     for _ in range(args.steps):

@@ -33,7 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_student import OPTIONS, train_step, f_gflop, make_student, matmul_rate, stem_head_gflop, sync  # noqa: E402
+from bench_student import OPTIONS, f_gflop, matmul_rate, stem_head_gflop, sync, warmed_student  # noqa: E402
 
 import nodekd_ray.models as models  # noqa: E402
 from nodekd_ray.devices import describe_device  # noqa: E402
@@ -119,9 +119,7 @@ def f_times(log: Log) -> tuple[float, int, float, int]:
 
 
 def profile(name: str, args, device, peak: float) -> dict:
-    torch.manual_seed(0)
-    model = make_student(OPTIONS[name], width=args.width, stem_channels=args.stem, t1=args.t1).to(device)
-    step = train_step(model, args.batch, device)
+    model, step = warmed_student(OPTIONS[name], args, device)
     log = Log(Clock(device))
     solver = models.dopri5
     models.dopri5 = lambda f, *a, **kw: solver(bracketed(f, log), *a, **kw)
@@ -135,8 +133,6 @@ def profile(name: str, args, device, peak: float) -> dict:
         return (time.perf_counter() - t0) / steps
 
     try:
-        for _ in range(args.warmup):
-            step()
         f0, b0 = model.nfe_forward, model.nfe_backward
         plain = timed(args.steps)
         nfe_f = (model.nfe_forward - f0) / args.steps

@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_student import OPTIONS, train_step, f_gflop, make_student, matmul_rate, sync  # noqa: E402
+from bench_student import OPTIONS, f_gflop, matmul_rate, sync, warmed_student  # noqa: E402
 
 from nodekd_ray.devices import describe_device  # noqa: E402
 
@@ -47,14 +47,8 @@ def kind(name: str) -> str:
 
 
 def profile_option(name: str, args, device, peak: float) -> None:
-    torch.manual_seed(0)
-    model = make_student(OPTIONS[name], width=args.width, stem_channels=args.stem, t1=args.t1).to(device)
+    model, step = warmed_student(OPTIONS[name], args, device)
     cfg = model.cfg
-    step = train_step(model, args.batch, device)
-
-    for _ in range(args.warmup):
-        step()
-    sync(device)
     f0, b0 = model.nfe_forward, model.nfe_backward
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
