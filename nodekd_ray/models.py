@@ -301,10 +301,9 @@ class ODEFunc(nn.Module):
         self._gn_relu = _gn_relu_low if bf16_norms else _gn_relu     # bf16_norms: not with compile (validate)
         if compile:
             self._gn_relu = torch.compile(_gn_relu, dynamic=False)
-        self._fused = None
-        if norm_impl == "triton":   # nodekd_ray/fused_norm.py; not with compile or bf16_norms (validate)
-            from . import fused_norm
-            self._gn_relu, self._fused = fused_norm.gn_relu, fused_norm
+        self._triton = norm_impl == "triton"   # nodekd_ray/fused_norm.py; not with compile or bf16_norms (validate)
+        if self._triton:
+            self._gn_relu = self._fused.gn_relu
         extra = 0 if time_input == "none" else 1
         self.norms = nn.ModuleList(_gn(width) for _ in range(layers))
         self.convs = nn.ModuleList(nn.Conv2d(width + extra, width, 3, 1, 1) for _ in range(layers))
@@ -425,6 +424,16 @@ class ODEFunc(nn.Module):
                 w, response = self._aligned_weights(i, conv, h)
                 h = _layer(h, gn, w, conv.bias, None, tv, response, self._gn_relu)
         return h, None
+
+    @property
+    def _fused(self):
+        """nodekd_ray.fused_norm with norm_impl "triton", else None (a property: a module in the instance's
+        attributes would stop deepcopy and pickle, e.g. attacks.with_solver's copy)."""
+        if not self._triton:
+            return None
+        from . import fused_norm
+
+        return fused_norm
 
     def can_share_graph_inputs(self, h0: torch.Tensor) -> bool:
         """Whether CUDA graphs of f can take a solve's shared inputs (GraphSolveInputs) for state h0: f's fused
@@ -610,6 +619,10 @@ class NODEConfig:
                                   # graph pair per evaluation slot (nodekd_ray/cuda_graphs.py); nodekd's dopri5 only;
                                   # on a CPU, and for evaluations without autograd, f runs eagerly. Off by default:
                                   # it has run on a GPU in one lease only (README, "CUDA graphs")
+    graph_shared_inputs: bool = False  # with cuda_graphs: f's graphs take a solve's shared inputs (prepared weights,
+                                  # one gradient sum per solve; models.GraphSolveInputs) where f's fused path allows
+                                  # (norm_impl "triton", time_conv "aligned"), else per-evaluation graphs. Off until
+                                  # a GPU has captured it (README, "A solve's shared inputs")
 
     def solver_impl_used(self) -> str:
         """The dopri5 implementation a solve runs: solver_impl, with "auto" resolved."""
@@ -654,6 +667,8 @@ class NODEConfig:
             raise ConfigError("cuda_graphs", "needs the nodekd solver (dopri5 with plain backpropagation) and no compile, "
                                              f"got solver_impl {self.solver_impl_used()!r}"
                                              f"{' with compile' if self.compile else ''}")
+        if self.graph_shared_inputs and not self.cuda_graphs:
+            raise ConfigError("graph_shared_inputs", "needs cuda_graphs")
         for field in ("t1", "rtol", "atol"):
             v = getattr(self, field)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -712,7 +727,7 @@ class NeuralODE(nn.Module):
         if cfg.cuda_graphs:
             if self._graphs is None:
                 from .cuda_graphs import GraphedSolves
-                self._graphs = GraphedSolves(self.func)
+                self._graphs = GraphedSolves(self.func, share_inputs=cfg.graph_shared_inputs)
             graphed, h0 = self._graphs.begin(h0)
         shared = contextlib.nullcontext() if cfg.adjoint or graphed else self.func.solving()
         try:
