@@ -107,20 +107,12 @@ OPTIONS = {
                                         step_control="noise-aware", cuda_graphs=True),
 }
 for _name in ("tf32+triton+nodekd+noise+graphs", "bf16+triton+nodekd+noise+graphs", "bf16+cl+triton+nodekd+noise+graphs"):
-    OPTIONS[_name + "+shared"] = dict(OPTIONS[_name], share_graph_inputs=True)
+    OPTIONS[_name + "+shared"] = dict(OPTIONS[_name], graph_shared_inputs=True)   # models.GraphSolveInputs
 
 
 def make_student(opts: dict, **cfg) -> NeuralODE:
-    """The student of an OPTIONS row (on the CPU); share_graph_inputs: its CUDA graphs take a solve's shared
-    inputs (cuda_graphs.GraphedSolves(share_inputs=True), models.GraphSolveInputs), not yet the default."""
-    opts = dict(opts)
-    share = opts.pop("share_graph_inputs", False)
-    model = NeuralODE(NODEConfig(**cfg, **{**BASELINE, **opts}))
-    if share:
-        from nodekd_ray.cuda_graphs import GraphedSolves
-
-        model._graphs = GraphedSolves(model.func, share_inputs=True)
-    return model
+    """The student of an OPTIONS row (on the CPU)."""
+    return NeuralODE(NODEConfig(**cfg, **{**BASELINE, **opts}))
 
 
 def f_gflop(width: int, layers: int = 4, hw: int = 64, time_channel: bool = True) -> float:

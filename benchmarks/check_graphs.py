@@ -22,7 +22,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nodekd_ray.cuda_graphs import GraphedSolves
 from nodekd_ray.devices import describe_device
 from nodekd_ray.models import NODEConfig, NeuralODE
 
@@ -35,7 +34,7 @@ ROWS = {
     "tf32+cl+triton": dict(precision="tf32", norm_impl="triton", channels_last=True),
 }
 for _name in ("tf32+triton", "bf16+triton", "bf16+cl+triton"):   # graphs with a solve's shared inputs
-    ROWS[_name + "+shared"] = dict(ROWS[_name], share_graph_inputs=True)
+    ROWS[_name + "+shared"] = dict(ROWS[_name], graph_shared_inputs=True)
 DEFAULT_ROWS = ["tf32", "bf16", "tf32+triton", "bf16+triton"]
 BOUND_LOGITS = {"tf32": 1e-4, "bf16": 1e-2}
 BOUND_GRAD = {"tf32": 1e-3, "bf16": 5e-2}
@@ -59,13 +58,11 @@ def step(model, opt, x, y):
 def check_row(name: str, opts: dict, args, device) -> bool:
     torch.manual_seed(0)
     opts = dict(opts)
-    share = opts.pop("share_graph_inputs", False)
+    share = opts.pop("graph_shared_inputs", False)   # the graphs take a solve's shared inputs (GraphSolveInputs)
     cfg = dict(width=args.width, stem_channels=args.stem, t1=args.t1, **opts)
     eager = NeuralODE(NODEConfig(**cfg)).to(device)
-    graphed = NeuralODE(NODEConfig(**cfg, cuda_graphs=True)).to(device)
+    graphed = NeuralODE(NODEConfig(**cfg, cuda_graphs=True, graph_shared_inputs=share)).to(device)
     graphed.load_state_dict(eager.state_dict())
-    if share:   # the graphs take a solve's shared inputs (models.GraphSolveInputs): not yet the default
-        graphed._graphs = GraphedSolves(graphed.func, share_inputs=True)
     opt_e = torch.optim.Adam(eager.parameters(), lr=1e-3)
     opt_g = torch.optim.Adam(graphed.parameters(), lr=1e-3)
     x = torch.rand(args.batch, 3, 32, 32, device=device)

@@ -7,9 +7,9 @@
 #   3. profile_kernels.py: kernel time by kind, eager, graphs, graphs with shared inputs;
 #   4. bench_student.py: images/s of the default path (tf32 + nodekd + noise-aware) and of the graphed rows
 #      against the fp32 path, with peak memory;
-#   5. digits_precision.sh: a width-512 digits student (DIGITS_PRECISION, bf16 unless set) trained with the
-#      graphs (accuracy, PGD).
-#     PYTHONPATH=. [DIGITS_PRECISION=tf32] bash benchmarks/gpu_graphs.sh OUT_DIR [PYTHON]
+#   5. digits_precision.sh: a width-512 digits student (DIGITS_PRECISION, bf16 unless set; Triton norms) trained
+#      with the graphs, taking a solve's shared inputs unless DIGITS_GRAPHS=per-evaluation (accuracy, PGD).
+#     PYTHONPATH=. [DIGITS_PRECISION=tf32] [DIGITS_GRAPHS=per-evaluation] bash benchmarks/gpu_graphs.sh OUT_DIR [PYTHON]
 set -uo pipefail
 out=${1:?usage: gpu_graphs.sh OUT_DIR [PYTHON]}
 py=${2:-python3}
@@ -23,6 +23,8 @@ step bench_student 100 $py benchmarks/bench_student.py --options fp32-concat tf3
     tf32+triton+nodekd+noise+graphs tf32+triton+nodekd+noise+graphs+shared bf16+triton+nodekd+noise \
     bf16+triton+nodekd+noise+graphs bf16+triton+nodekd+noise+graphs+shared --out "$out/rates.json"
 dp=${DIGITS_PRECISION:-bf16}
-step digits 120 env PRECISIONS=$dp KD_PRECISIONS= STUDENT_ARGS=--cuda-graphs bash benchmarks/digits_precision.sh /tmp/dg "$py"
+ga="--cuda-graphs --norm-impl triton"
+[ "${DIGITS_GRAPHS:-shared}" = per-evaluation ] || ga="$ga --graph-shared-inputs"
+step digits 120 env PRECISIONS=$dp KD_PRECISIONS= STUDENT_ARGS="$ga" bash benchmarks/digits_precision.sh /tmp/dg "$py"
 cp /tmp/dg/node-$dp.log "$out/digits-node-$dp.log" 2>/dev/null
 finish gpu_graphs.sh

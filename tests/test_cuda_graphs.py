@@ -230,3 +230,18 @@ def test_without_the_kernels_the_graphs_take_the_parameters_per_evaluation():
 def test_shared_inputs_are_not_yet_the_default():
     """The models' graphs take the parameters per evaluation until the shared inputs have run on a GPU."""
     assert GraphedSolves(NeuralODE(NODEConfig(width=16, stem_channels=8)).func).share_inputs is False
+    assert NODEConfig().graph_shared_inputs is False
+
+
+def test_the_shared_inputs_option_reaches_the_graphs_needs_cuda_graphs_and_is_dropped_for_other_solvers():
+    from nodekd_ray.attacks import with_solver
+
+    torch.manual_seed(0)
+    model = NeuralODE(NODEConfig(width=16, stem_channels=8, norm_impl="triton", cuda_graphs=True,
+                                 graph_shared_inputs=True))
+    model(torch.rand(2, 3, 32, 32))        # on a CPU f runs eagerly; the graphs' object is made all the same
+    assert model._graphs.share_inputs is True
+    with pytest.raises(ConfigError, match="graph_shared_inputs: needs cuda_graphs"):
+        NODEConfig(graph_shared_inputs=True).validate()
+    rk4 = with_solver(model, solver="rk4")
+    assert not rk4.cfg.cuda_graphs and not rk4.cfg.graph_shared_inputs
