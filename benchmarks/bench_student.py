@@ -32,8 +32,9 @@ through it, update), for each option in one run:
     bf16+triton+nodekd+noise  the same with norm_impl "triton"
     bf16+cl+...          the same with channels_last (NHWC: on an H100 one bf16 512 -> 512 conv ran forward +
                          backward at 367 TFLOP/s NHWC against 241 NCHW, benchmarks/results/h100-2026-11-24/probe.txt)
-    ...+graphs+shared    the same with the graphs taking a solve's shared inputs (prepared weights, gradient sums;
-                         models.GraphSolveInputs), not yet the default
+    ...+graphs+pereval   the same with graphs that take the parameters per evaluation (graph_inputs
+                         "per-evaluation"), not a solve's shared inputs (the default where f's fused path allows:
+                         Triton norms, NCHW; models.GraphSolveInputs)
     ...+graphs           the same with cuda_graphs (nodekd_ray/cuda_graphs.py: a solve's evaluations of f with
                          autograd replayed from CUDA graphs; GPUs only, eager on a CPU). "MFU f" and "MFU f-solve"
                          time f eagerly and are left out of these rows (benchmarks/bench_graphs.py times f in
@@ -107,7 +108,7 @@ OPTIONS = {
                                         step_control="noise-aware", cuda_graphs=True),
 }
 for _name in ("tf32+triton+nodekd+noise+graphs", "bf16+triton+nodekd+noise+graphs", "bf16+cl+triton+nodekd+noise+graphs"):
-    OPTIONS[_name + "+shared"] = dict(OPTIONS[_name], graph_shared_inputs=True)   # models.GraphSolveInputs
+    OPTIONS[_name + "+pereval"] = dict(OPTIONS[_name], graph_inputs="per-evaluation")
 
 
 def make_student(opts: dict, **cfg) -> NeuralODE:

@@ -33,8 +33,8 @@ ROWS = {
     "bf16+cl+triton": dict(precision="bf16", norm_impl="triton", channels_last=True),
     "tf32+cl+triton": dict(precision="tf32", norm_impl="triton", channels_last=True),
 }
-for _name in ("tf32+triton", "bf16+triton", "bf16+cl+triton"):   # graphs with a solve's shared inputs
-    ROWS[_name + "+shared"] = dict(ROWS[_name], graph_shared_inputs=True)
+for _name in ("tf32+triton", "bf16+triton"):   # graphs of the parameters per evaluation, not a solve's shared inputs
+    ROWS[_name + "+pereval"] = dict(ROWS[_name], graph_inputs="per-evaluation")
 DEFAULT_ROWS = ["tf32", "bf16", "tf32+triton", "bf16+triton"]
 BOUND_LOGITS = {"tf32": 1e-4, "bf16": 1e-2}
 BOUND_GRAD = {"tf32": 1e-3, "bf16": 5e-2}
@@ -58,19 +58,22 @@ def step(model, opt, x, y):
 def check_row(name: str, opts: dict, args, device) -> bool:
     torch.manual_seed(0)
     opts = dict(opts)
-    share = opts.pop("graph_shared_inputs", False)   # the graphs take a solve's shared inputs (GraphSolveInputs)
     cfg = dict(width=args.width, stem_channels=args.stem, t1=args.t1, **opts)
     eager = NeuralODE(NODEConfig(**cfg)).to(device)
-    graphed = NeuralODE(NODEConfig(**cfg, cuda_graphs=True, graph_shared_inputs=share)).to(device)
+    graphed = NeuralODE(NODEConfig(**cfg, cuda_graphs=True)).to(device)
     graphed.load_state_dict(eager.state_dict())
     opt_e = torch.optim.Adam(eager.parameters(), lr=1e-3)
     opt_g = torch.optim.Adam(graphed.parameters(), lr=1e-3)
+    twin = NeuralODE(NODEConfig(**cfg)).to(device) if args.detail else None   # eager against eager: the noise floor
+    opt_t = torch.optim.Adam(twin.parameters(), lr=1e-3) if twin is not None else None
     x = torch.rand(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     low = "bf16" if opts["precision"] == "bf16" else "tf32"
     ok = True
     for i, n in enumerate([args.batch, args.batch, args.batch // 2, args.batch]):
         graphed.load_state_dict(eager.state_dict())    # in place: the same parameter storage
+        if twin is not None:
+            twin.load_state_dict(eager.state_dict())
         t0 = time.perf_counter()
         le, ge, nfe_e = step(eager, opt_e, x[:n], y[:n])
         t_e = time.perf_counter() - t0
@@ -87,6 +90,11 @@ def check_row(name: str, opts: dict, args, device) -> bool:
         print(f"  {name:<12} step {i} batch {n:>4}  logits {r_logits:.2e}  grads {r_grad:.2e} ({worst})  "
               f"NFE {nfe_e[0]}/{nfe_e[1]} vs {nfe_g[0]}/{nfe_g[1]}  slots {slots:>3}  "
               f"s eager {t_e:.3f} graphed {t_g:.3f}  {'ok' if good else 'FAIL'}", flush=True)
+        if twin is not None:
+            lt, gt, _ = step(twin, opt_t, x[:n], y[:n])
+            top = sorted(gg, key=lambda k: -rel(gg[k], ge[k]))[:6]
+            print(f"      eager twin: logits {rel(lt, le):.2e}; gradients graphed / twin against eager: "
+                  + ", ".join(f"{k} {rel(gg[k], ge[k]):.1e}/{rel(gt[k], ge[k]):.1e}" for k in top), flush=True)
     try:
         first = graphed(x).sum()
         graphed(x).sum().backward()
@@ -106,11 +114,14 @@ def main(argv=None):
     ap.add_argument("--t1", type=float, default=1.0)
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     ap.add_argument("--smoke", action="store_true", help="width 32, batch 8, no Triton rows: a CPU")
-    ap.add_argument("--shared", action="store_true", help="the default rows, then their +shared rows")
+    ap.add_argument("--detail", action="store_true", help="per step, a second eager student's differences too "
+                                                          "(the noise floor) and the 6 worst parameters")
+    ap.add_argument("--pereval", action="store_true", help="the rows, then their +pereval rows (graphs of the "
+                                                           "parameters per evaluation)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.shared:
-        args.rows = args.rows + [r + "+shared" for r in args.rows if r + "+shared" in ROWS and r + "+shared" not in args.rows]
+    if args.pereval:
+        args.rows = args.rows + [r + "+pereval" for r in args.rows if r + "+pereval" in ROWS and r + "+pereval" not in args.rows]
     if args.smoke:
         args.width, args.stem, args.batch = 32, 16, 8
         args.rows = [r for r in args.rows if "triton" not in r]

@@ -38,8 +38,8 @@ from bench_student import OPTIONS, f_gflop, matmul_rate, stem_head_gflop, sync, 
 import nodekd_ray.models as models  # noqa: E402
 from nodekd_ray.devices import describe_device  # noqa: E402
 
-DEFAULT_OPTIONS = ["bf16+triton+nodekd+noise+graphs+shared", "bf16+triton+nodekd+noise+graphs", "bf16+triton+nodekd+noise",
-                   "tf32+triton+nodekd+noise+graphs+shared", "tf32+triton+nodekd+noise+graphs", "tf32+nodekd+noise+graphs",
+DEFAULT_OPTIONS = ["bf16+triton+nodekd+noise+graphs", "bf16+triton+nodekd+noise+graphs+pereval", "bf16+triton+nodekd+noise",
+                   "tf32+triton+nodekd+noise+graphs", "tf32+triton+nodekd+noise+graphs+pereval", "tf32+nodekd+noise+graphs",
                    "tf32+nodekd+noise"]
 
 

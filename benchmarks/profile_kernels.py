@@ -30,7 +30,7 @@ from bench_student import OPTIONS, f_gflop, matmul_rate, sync, warmed_student  #
 
 from nodekd_ray.devices import describe_device  # noqa: E402
 
-DEFAULT_OPTIONS = ["bf16+triton+nodekd+noise", "bf16+triton+nodekd+noise+graphs", "bf16+triton+nodekd+noise+graphs+shared",
+DEFAULT_OPTIONS = ["bf16+triton+nodekd+noise", "bf16+triton+nodekd+noise+graphs+pereval", "bf16+triton+nodekd+noise+graphs",
                    "tf32+nodekd+noise"]
 KINDS = (   # first match wins; names lower-cased
     ("triton", ("triton",)),

@@ -196,7 +196,6 @@ def with_solver(model, **changes):
         changes.setdefault("solver_impl", "torchdiffeq")
         changes.setdefault("step_control", "plain")
         changes.setdefault("cuda_graphs", False)
-        changes.setdefault("graph_shared_inputs", False)
     m.cfg = replace(m.cfg, **changes).validate()
     return m
 

@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--cuda-graphs", action="store_true", help="replay a training solve's evaluations of f from CUDA "
                                                               "graphs (nodekd solver; GPUs only; nodekd_ray/"
                                                               "cuda_graphs.py)")
-    n.add_argument("--graph-shared-inputs", action="store_true", help="with --cuda-graphs and --norm-impl triton: "
-                                                                      "the graphs take a solve's prepared weights "
-                                                                      "and return one gradient sum (experimental)")
+    n.add_argument("--graph-inputs", default="shared", help="with --cuda-graphs, what f's graphs take: shared (a "
+                                                            "solve's prepared weights in, one gradient sum out, where "
+                                                            "f's fused path allows: --norm-impl triton, NCHW; else "
+                                                            "per-evaluation) or per-evaluation (the parameters)")
     n.add_argument("--recompute", action="store_true", help="recompute f's GroupNorm + ReLU in the backward: "
                                                             "about half the activation memory per NFE")
     n.add_argument("--bf16-norms", action="store_true", help="with --precision bf16: f's GroupNorm and ReLU in bf16 "
@@ -210,7 +211,7 @@ def cmd_train_student(args) -> None:
                       compile=args.compile, solver_impl=args.solver_impl,
                       recompute=args.recompute, bf16_norms=args.bf16_norms,
                       norm_impl=args.norm_impl, step_control=args.step_control, cuda_graphs=args.cuda_graphs,
-                      graph_shared_inputs=args.graph_shared_inputs)
+                      graph_inputs=args.graph_inputs)
     cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,
                         **_recipe_kwargs(args)).validate()
     _check_out(args)

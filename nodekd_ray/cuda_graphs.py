@@ -16,9 +16,9 @@ live workload runs them, forwards 1..n then backwards n..1. A solve runs its eva
 and autograd runs their backwards in reverse order of creation. The backward of an evaluation in a
 rejected step never runs; that only leaves memory unread.
 
-A solve's shared inputs (share_inputs, not yet the default): an eager solve prepares each conv's weights
+A solve's shared inputs (share_inputs, the default): an eager solve prepares each conv's weights
 once and the Triton norms sum their parameters' gradients over its evaluations (ODEFunc.solving). Graphs of
-single evaluations cannot reach that per-solve state, so by default each replays its own weight preparation
+single evaluations cannot reach that per-solve state, so without it each replays its own weight preparation
 and hands autograd its own parameter gradients. On an H200 that cost 925 kernels and 4.1 ms per training step
 (README, "f's MFU inside a training step"). With share_inputs, for f's fused path, the slots take (t, h) only,
 and the state lives in fixed buffers (models.GraphSolveInputs). Each solve fills the prepared weights and
@@ -95,11 +95,11 @@ warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does
 class GraphedSolves:
     """The CUDA graphs of one ODEFunc's evaluations in training solves (see the module docstring)."""
 
-    def __init__(self, func, make_graphed=None, share_inputs: bool = False):
+    def __init__(self, func, make_graphed=None, share_inputs: bool = True):
         self.func = func
-        # f's graphs take a solve's shared inputs where f allows (models.GraphSolveInputs). Off by default until it
-        # has run on a GPU: bit-identical to the eager student on a CPU (tests/test_cuda_graphs.py), not yet
-        # captured by real CUDA graphs (benchmarks/check_graphs.py's "+shared" rows)
+        # f's graphs take a solve's shared inputs where f allows (ODEFunc.can_share_graph_inputs,
+        # models.GraphSolveInputs): bit-identical to the eager student on a CPU (tests/test_cuda_graphs.py), and on
+        # an H200 as close to it as eager is to itself (benchmarks/check_graphs.py, against its "+pereval" rows)
         self.share_inputs = share_inputs
         self._make = make_graphed or torch.cuda.make_graphed_callables
         self._stand_in = make_graphed is not None   # tests' eager stand-in for make_graphed_callables: runs on a CPU
@@ -122,7 +122,7 @@ class GraphedSolves:
         return {"func": self.func, "share_inputs": self.share_inputs}
 
     def __setstate__(self, state):
-        self.__init__(state["func"], share_inputs=state.get("share_inputs", False))
+        self.__init__(state["func"], share_inputs=state.get("share_inputs", True))
 
     def begin(self, h0: torch.Tensor):
         """(f for dopri5, the initial state) for one solve from h0: graph replay where it applies, else (None, h0)

@@ -41,6 +41,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 SOLVER_IMPLS = ("auto", "torchdiffeq", "nodekd")
 NORM_IMPLS = ("torch", "triton")
 STEP_CONTROLS = ("auto", "plain", "noise-aware")
+GRAPH_INPUTS = ("shared", "per-evaluation")
 
 
 class Normalize(nn.Module):
@@ -438,9 +439,12 @@ class ODEFunc(nn.Module):
     def can_share_graph_inputs(self, h0: torch.Tensor) -> bool:
         """Whether CUDA graphs of f can take a solve's shared inputs (GraphSolveInputs) for state h0: f's fused
         path (Triton norms, the aligned time conv, no recompute), with the kernels running (they sum the
-        norms' gradients into the solve's buffers; PyTorch's fallback ops would not)."""
+        norms' gradients into the solve's buffers; PyTorch's fallback ops would not), and an NCHW state. On an
+        H200, channels-last with shared inputs failed benchmarks/check_graphs.py in its capturing step (gradients
+        15% off eager; README, "A solve's shared inputs"), not yet explained: it takes per-evaluation graphs."""
         return bool(self._fused) and not self.recompute and self.time_input != "none" and \
-            self.time_conv == "aligned" and self._fused.kernels_apply(h0, self.norms[0].num_groups)
+            self.time_conv == "aligned" and h0.is_contiguous() and \
+            self._fused.kernels_apply(h0, self.norms[0].num_groups)
 
     def _solve_grads(self, i: int, norm: nn.GroupNorm, bias, response, h: torch.Tensor):
         """Norm i's SolveGrads and the proxies of its gamma, beta, and the previous conv's bias and response
@@ -619,10 +623,12 @@ class NODEConfig:
                                   # graph pair per evaluation slot (nodekd_ray/cuda_graphs.py); nodekd's dopri5 only;
                                   # on a CPU, and for evaluations without autograd, f runs eagerly. Off by default:
                                   # it has run on a GPU in one lease only (README, "CUDA graphs")
-    graph_shared_inputs: bool = False  # with cuda_graphs: f's graphs take a solve's shared inputs (prepared weights,
-                                  # one gradient sum per solve; models.GraphSolveInputs) where f's fused path allows
-                                  # (norm_impl "triton", time_conv "aligned"), else per-evaluation graphs. Off until
-                                  # a GPU has captured it (README, "A solve's shared inputs")
+    graph_inputs: str = "shared"  # with cuda_graphs, what f's graphs take: "shared", a solve's shared inputs (its
+                                  # prepared weights in, one gradient sum per solve out; GraphSolveInputs) where f's
+                                  # fused path allows (norm_impl "triton", time_conv "aligned", NCHW), else the
+                                  # parameters per evaluation, or "per-evaluation" always. Measured on an H200: f at
+                                  # 44.6-44.9% MFU against 37.3-37.8%, 4273-4351 against 3926-3983 img/s at bf16
+                                  # (README, "A solve's shared inputs")
 
     def solver_impl_used(self) -> str:
         """The dopri5 implementation a solve runs: solver_impl, with "auto" resolved."""
@@ -667,8 +673,7 @@ class NODEConfig:
             raise ConfigError("cuda_graphs", "needs the nodekd solver (dopri5 with plain backpropagation) and no compile, "
                                              f"got solver_impl {self.solver_impl_used()!r}"
                                              f"{' with compile' if self.compile else ''}")
-        if self.graph_shared_inputs and not self.cuda_graphs:
-            raise ConfigError("graph_shared_inputs", "needs cuda_graphs")
+        check_choice("graph_inputs", self.graph_inputs, GRAPH_INPUTS)
         for field in ("t1", "rtol", "atol"):
             v = getattr(self, field)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -727,7 +732,7 @@ class NeuralODE(nn.Module):
         if cfg.cuda_graphs:
             if self._graphs is None:
                 from .cuda_graphs import GraphedSolves
-                self._graphs = GraphedSolves(self.func, share_inputs=cfg.graph_shared_inputs)
+                self._graphs = GraphedSolves(self.func, share_inputs=cfg.graph_inputs == "shared")
             graphed, h0 = self._graphs.begin(h0)
         shared = contextlib.nullcontext() if cfg.adjoint or graphed else self.func.solving()
         try:
