@@ -440,8 +440,9 @@ class ODEFunc(nn.Module):
         """Whether CUDA graphs of f can take a solve's shared inputs (GraphSolveInputs) for state h0: f's fused
         path (Triton norms, the aligned time conv, no recompute), with the kernels running (they sum the
         norms' gradients into the solve's buffers; PyTorch's fallback ops would not), and an NCHW state. On an
-        H200, channels-last with shared inputs failed benchmarks/check_graphs.py in its capturing step (gradients
-        15% off eager; README, "A solve's shared inputs"), not yet explained: it takes per-evaluation graphs."""
+        H200, channels-last with shared inputs failed benchmarks/check_graphs.py in its capturing step
+        (gradients 15% off eager; README, "A solve's shared inputs in the graphs"), not yet explained: a
+        channels-last state takes per-evaluation graphs."""
         return bool(self._fused) and not self.recompute and self.time_input != "none" and \
             self.time_conv == "aligned" and h0.is_contiguous() and \
             self._fused.kernels_apply(h0, self.norms[0].num_groups)
@@ -622,13 +623,14 @@ class NODEConfig:
     cuda_graphs: bool = False     # a training solve's evaluations of f (with autograd) replayed from CUDA graphs, one
                                   # graph pair per evaluation slot (nodekd_ray/cuda_graphs.py); nodekd's dopri5 only;
                                   # on a CPU, and for evaluations without autograd, f runs eagerly. Off by default:
-                                  # it has run on a GPU in one lease only (README, "CUDA graphs")
+                                  # at the default precision and norms it gains nothing on an H200 (README, "CUDA
+                                  # graphs"); with bf16 and norm_impl "triton" it is the fastest path measured
     graph_inputs: str = "shared"  # with cuda_graphs, what f's graphs take: "shared", a solve's shared inputs (its
                                   # prepared weights in, one gradient sum per solve out; GraphSolveInputs) where f's
                                   # fused path allows (norm_impl "triton", time_conv "aligned", NCHW), else the
-                                  # parameters per evaluation, or "per-evaluation" always. Measured on an H200: f at
-                                  # 44.6-44.9% MFU against 37.3-37.8%, 4273-4351 against 3926-3983 img/s at bf16
-                                  # (README, "A solve's shared inputs")
+                                  # parameters per evaluation, or "per-evaluation" always. Measured on an H200 at
+                                  # bf16: f at 44.6-45.1% MFU against 37.3-38.0%, 4200-4351 against 3582-3983 img/s
+                                  # (README, "A solve's shared inputs in the graphs")
 
     def solver_impl_used(self) -> str:
         """The dopri5 implementation a solve runs: solver_impl, with "auto" resolved."""
