@@ -1,0 +1,175 @@
+"""The cluster path as Ray's own launcher runs it, on this machine (tests/cluster_host.py; the machine is
+prepared by .ci/cluster-host.sh):
+
+- `ray up` with Ray's `local` node provider over SSH to 127.0.0.1, with cluster/gpu.yaml's file mounts,
+  setup and start commands (its docker and AWS parts replaced: no cloud, no docker daemon here), then
+  `ray submit` of a smoke sweep with an S3 URI among its arguments, complete results, `ray down`;
+- the container's setup replayed as the image's user (uid 1000, gid 100) in the folder layout that Ray's
+  docker mode makes (bind mounts under a folder docker creates as root), for today's config and for the
+  config before this change (tests/data/gpu-yaml-2026-12-04.yaml), which fails;
+- the Ray Jobs API: a local head with its dashboard, a sweep submitted with a working directory through
+  JobSubmissionClient, stopped midway, and finished by a second job with --resume;
+- cluster/kuberay/rayjob.yaml against KubeRay's published CRD schema, and cluster/Dockerfile's pins.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pwd
+import re
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import yaml
+
+from cluster_host import IMAGE_GID, IMAGE_UID, NODE_USER, as_user, fresh_tmp, image_site, need_host, node_image
+from nodekd_ray import sweep as S
+from test_orchestration import SUBSET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+DATA = os.path.join(ROOT, "tests", "data")
+GPU_YAML = os.path.join(ROOT, "cluster", "gpu.yaml")
+OLD_GPU_YAML = os.path.join(DATA, "gpu-yaml-2026-12-04.yaml")   # cluster/gpu.yaml at 362a448, before issue 26
+SMOKE = ["--dataset", "digits", "--smoke-test", "--teachers", "resnet20", "--temperatures", "10", "--horizons", "1",
+         "--baseline-horizons", "1", "--epochs", "1", "--attack-images", "16", *SUBSET]
+# what figure1 writes with SMOKE: 3 models x 2 attacks x 6 eps
+SMOKE_KEYS = {"teacher-digits-resnet20-s0", "node-digits-t1-s0", "kd-digits-t1-resnet20-T10-lam0.9-s0"}
+SMOKE_ROWS = 3 * 2 * 6
+
+
+def load(path):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def check_results(uri: str) -> None:
+    st = S.Storage(uri)
+    recs = {r["key"]: r for r in st.records()}
+    assert set(recs) == SMOKE_KEYS and all(r["status"] == "done" for r in recs.values()), recs
+    rows = S.read_attacks(st).to_pylist()
+    assert len(rows) == SMOKE_ROWS and len({(x["model_key"], x["attack"], x["eps_255"]) for x in rows}) == SMOKE_ROWS
+
+
+@pytest.fixture(scope="module")
+def site():
+    need_host()
+    d = fresh_tmp("nodekd-image-")
+    try:
+        yield image_site(os.path.join(d, "site"))
+    finally:
+        subprocess.run(["rm", "-rf", d])
+
+
+# ----------------------------------------------------------------------------- ray up / submit / down
+
+
+def local_cluster_config(cfg: dict, *, name: str, user: str, key: str, shared: str) -> dict:
+    """cluster/gpu.yaml for Ray's `local` provider on 127.0.0.1: the same file mounts, setup and start
+    commands; the AWS parts (provider, node types, the host's EFS mount) and docker replaced. The values a
+    user fills in get this machine's: /mnt/shared -> ``shared``. What cannot run offline is dropped and
+    listed in ``dropped``: the head's download of CIFAR10/SVHN (no internet here)."""
+    cfg = copy.deepcopy(cfg)
+    for k in ("docker", "available_node_types", "head_node_type"):
+        cfg.pop(k, None)
+    cfg.update(cluster_name=name, max_workers=0,
+               provider={"type": "local", "head_ip": "127.0.0.1", "worker_ips": []},
+               auth={"ssh_user": user, "ssh_private_key": key},
+               initialization_commands=[f"mkdir -p {shared}"])   # the host's EFS mount, here a folder
+
+    def here(cmd: str) -> str:
+        return cmd.replace("/mnt/shared", shared)
+
+    for part in ("setup_commands", "head_setup_commands", "worker_setup_commands", "head_start_ray_commands",
+                 "worker_start_ray_commands"):
+        cfg[part] = [here(c) for c in cfg.get(part, [])]
+    cfg["dropped"] = [c for c in cfg["head_setup_commands"] if c.startswith("nodekd download")]
+    cfg["head_setup_commands"] = [c for c in cfg["head_setup_commands"] if c not in cfg["dropped"]]
+    return cfg
+
+
+def ray_cli(*args, timeout=900, check=True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run([os.path.join(BIN, "ray"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and r.returncode:
+        raise AssertionError(f"ray {' '.join(args)} exited {r.returncode}\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+@pytest.fixture
+def node_user(site, s3):
+    """The loopback node's user with a fresh home: the node image, an SSH key the launcher logs in with,
+    and the credentials of the test's S3 server (a real node has its instance profile's)."""
+    home = pwd.getpwnam(NODE_USER).pw_dir
+    work = fresh_tmp("nodekd-launch-")
+    key = os.path.join(work, "id_ed25519")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
+    os.chmod(work, 0o700)
+    as_user(NODE_USER, "rm -rf ~/nodekd-ray ~/.nodekd_env ~/ray_bootstrap_config.yaml ~/ray_bootstrap_key.pem "
+                       "~/*.py; mkdir -p ~/.ssh && chmod 700 ~/.ssh")
+    with open(key + ".pub") as f:
+        as_user(NODE_USER, f"echo {shlex.quote(f.read().strip())} > ~/.ssh/authorized_keys && "
+                           "chmod 600 ~/.ssh/authorized_keys")
+    from conftest import CREDENTIALS
+
+    creds = "\n".join(f"export {k}={v}" for k, v in CREDENTIALS.items())
+    # Ray's temporary folder of the node user's own (this machine's /tmp/ray belongs to the tests' Ray)
+    node_image(NODE_USER, home, site, bashrc=f"{creds}\nexport RAY_TMPDIR=/tmp/nodekd-node-ray")
+    shared = fresh_tmp("nodekd-shared-")
+    os.chmod(shared, 0o777)
+    try:
+        yield {"home": home, "key": key, "shared": shared}
+    finally:
+        subprocess.run(["pkill", "-9", "-u", NODE_USER], capture_output=True)
+        subprocess.run(["rm", "-rf", work, shared])
+
+
+@pytest.mark.slow
+@pytest.mark.serial   # `ray stop` and the head's fixed ports (6379, 8076): no other Ray instance beside it
+def test_ray_up_submit_down_with_rays_launcher_on_loopback_nodes(node_user, s3, tmp_path):
+    name = f"nodekd-test-{uuid.uuid4().hex[:6]}"
+    cfg = local_cluster_config(load(GPU_YAML), name=name, user=NODE_USER, key=node_user["key"],
+                               shared=node_user["shared"])
+    assert cfg["dropped"] == [f"nodekd download cifar10 svhn --data-root {node_user['shared']}/data"]
+    cfg.pop("dropped")
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    t0 = time.monotonic()
+    try:
+        up = ray_cli("up", "-y", "--no-config-cache", str(path))
+        t_up = time.monotonic() - t0
+        # file mounts and setup commands ran on the node, as its user
+        r = as_user(NODE_USER, "ls ~/nodekd-ray ~/nodekd-ray/nodekd_ray/__init__.py; cat ~/.nodekd_env; "
+                               "~/venv/bin/python -c 'import nodekd_ray, os; print(os.path.dirname(nodekd_ray.__file__))';"
+                               " . ~/.bashrc; command -v nodekd")
+        assert all(f"\n{n}\n" in r.stdout for n in ("README.md", "nodekd_ray", "pyproject.toml", "sweeps")), r.stdout
+        assert f"NODEKD_DATA_ROOT={node_user['shared']}/data" in r.stdout
+        assert f"{node_user['home']}/nodekd-ray/nodekd_ray\n" in r.stdout           # the editable install
+        assert r.stdout.strip().endswith(f"{node_user['home']}/venv/bin/nodekd")
+        # Ray runs on the node, started by the config's own start commands, as the node user
+        status = as_user(NODE_USER, ". ~/.bashrc; ray status", check=False)
+        assert status.returncode == 0 and "1 local.cluster.node" in status.stdout, status.stdout
+        # `ray submit` of a smoke sweep; the URI's & and ? reach the script intact (README's quoting)
+        uri = s3()
+        t1 = time.monotonic()
+        sub = ray_cli("submit", str(path), "sweeps/figure1.py", "--", *SMOKE, "--gpus-per-trial", "0",
+                      "--storage", f"'{uri}'")
+        t_submit = time.monotonic() - t1
+        out = sub.stdout + sub.stderr
+        assert "joined the Ray cluster at" in out, out[-4000:]
+        check_results(uri)
+    finally:
+        t2 = time.monotonic()
+        down = ray_cli("down", "-y", str(path), check=False)
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    left = subprocess.run(["pgrep", "-u", NODE_USER, "-f", "raylet|gcs_server"], capture_output=True, text=True)
+    assert left.stdout == "", f"Ray processes left after `ray down`: {left.stdout}"
+    print(f"ray up {t_up:.0f}s, ray submit {t_submit:.0f}s, ray down {time.monotonic() - t2:.0f}s "
+          f"({len(up.stdout.splitlines())} lines of `ray up` output)")
