@@ -173,3 +173,60 @@ def test_ray_up_submit_down_with_rays_launcher_on_loopback_nodes(node_user, s3, 
     assert left.stdout == "", f"Ray processes left after `ray down`: {left.stdout}"
     print(f"ray up {t_up:.0f}s, ray submit {t_submit:.0f}s, ray down {time.monotonic() - t2:.0f}s "
           f"({len(up.stdout.splitlines())} lines of `ray up` output)")
+
+
+# ----------------------------------------------------------------------------- the container's setup
+
+
+def replay_container_setup(cfg: dict, site: str, *, image_home="/home/ray") -> tuple[int, str]:
+    """A GPU worker's container setup, replayed: the folders Ray's docker mode makes (each file_mounts
+    entry bind-mounted on its own, docker creating the missing parents as root; the mounted files owned
+    by the host's uid 1000), then the config's setup_commands and worker_setup_commands, each as Ray
+    runs it in the container (its login-shell wrapper), as the image's user (uid 1000, gid 100).
+    ``image_home``, the image's HOME, maps to a folder here. Returns (exit status, output)."""
+    from ray.autoscaler._private.command_runner import _with_interactive
+
+    base = fresh_tmp("nodekd-container-")
+    home = os.path.join(base, "home", "ray")
+    os.makedirs(home)
+    os.chown(home, IMAGE_UID, IMAGE_GID)
+
+    def inside(path: str) -> str:   # a path in the container -> here
+        path = path.replace("~/", image_home + "/", 1) if path.startswith("~/") else path
+        return path.replace(image_home, home, 1)
+
+    for target, source in cfg["file_mounts"].items():
+        dest = inside(target)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)         # docker: missing parents, as root, 755
+        src = os.path.join(ROOT, source)
+        if os.path.isdir(src):
+            subprocess.run(["cp", "-r", src, dest], check=True)
+        else:
+            subprocess.run(["cp", src, dest], check=True)
+        subprocess.run(["chown", "-R", f"{IMAGE_UID}:{IMAGE_UID}", dest], check=True)
+    node_image(IMAGE_UID, home, site, gid=IMAGE_GID)
+    out, rc = [], 0
+    for cmd in cfg["setup_commands"] + cfg.get("worker_setup_commands", []):
+        cmd = cmd.replace(image_home, home)
+        r = as_user(IMAGE_UID, " ".join(_with_interactive(cmd)), gid=IMAGE_GID, home=home, check=False)
+        out.append(f"$ {cmd}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+        if r.returncode:
+            rc = r.returncode
+            break
+    if rc == 0:   # the installed package is the mounted one, importable by the image's python
+        r = as_user(IMAGE_UID, ". ~/.bashrc; python -c 'import nodekd_ray; print(nodekd_ray.__file__)'; nodekd --help",
+                    gid=IMAGE_GID, home=home, check=False)
+        out.append(r.stdout + r.stderr)
+        rc = r.returncode or (0 if f"{home}/nodekd-ray/nodekd_ray/__init__.py" in r.stdout else 99)
+    subprocess.run(["rm", "-rf", base])
+    return rc, "\n".join(out)
+
+
+@pytest.mark.slow
+def test_container_setup_as_the_images_user_succeeds_and_failed_before(site):
+    rc, out = replay_container_setup(load(GPU_YAML), site)
+    assert rc == 0, out[-6000:]
+    assert "sudo chown" in out and "usage: nodekd" in out
+    # the config before this change: pip cannot write the package's metadata into the root-owned folder
+    rc, out = replay_container_setup(load(OLD_GPU_YAML), site)
+    assert rc != 0 and "Permission denied" in out and "nodekd_ray.egg-info" in out, out[-6000:]
