@@ -230,3 +230,78 @@ def test_container_setup_as_the_images_user_succeeds_and_failed_before(site):
     # the config before this change: pip cannot write the package's metadata into the root-owned folder
     rc, out = replay_container_setup(load(OLD_GPU_YAML), site)
     assert rc != 0 and "Permission denied" in out and "nodekd_ray.egg-info" in out, out[-6000:]
+
+
+# ----------------------------------------------------------------------------- the Ray Jobs API
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A local Ray head with its dashboard (the Jobs API server), as `ray start --head` makes one."""
+    gcs, dash = free_port(), free_port()
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([os.path.join(BIN, "ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([os.path.join(BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=300)
+
+
+def wait_job(client, job_id, states, timeout=900):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        status = client.get_job_status(job_id)
+        if str(status) in states or getattr(status, "value", None) in states:
+            return str(getattr(status, "value", status))
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {client.get_job_status(job_id)} after {timeout}s:\n"
+                         f"{client.get_job_logs(job_id)[-4000:]}")
+
+
+# what `ray job submit --working-dir .` would upload, without the environment and results (.gitignore's)
+WORKING_DIR = {"working_dir": ROOT, "excludes": [".venv", ".git", "runs", "data", "**/__pycache__", "*.egg-info"]}
+
+
+@pytest.mark.slow
+@pytest.mark.serial   # its head ends with `ray stop --force`
+def test_jobs_api_submit_stop_and_resume_with_a_working_directory(ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head)
+    store = str(tmp_path / "store")
+    sweep = " ".join(["python", "sweeps/figure1.py", *SMOKE, "--gpus-per-trial", "0", "--storage", store])
+    # a relative storage folder would live in the job's temporary copy of the working directory: refused
+    bad = client.submit_job(entrypoint="python sweeps/figure1.py --dataset digits --smoke-test",
+                            runtime_env=dict(WORKING_DIR, env_vars={"NODEKD_STORAGE": ""}))
+    assert wait_job(client, bad, {"FAILED", "SUCCEEDED"}) == "FAILED"
+    assert "error: storage: 'runs/nodekd-smoke' is relative, and this Ray job runs in a temporary copy" in \
+        client.get_job_logs(bad)
+    # a job stopped midway (Ray's stop: SIGTERM, SIGKILL 3 s later) ...
+    first = client.submit_job(entrypoint=sweep, runtime_env=WORKING_DIR)
+    t0 = time.monotonic()
+    while not any(r.get("status") == "done" for r in S.Storage(store).records()) if os.path.isdir(store) else True:
+        assert time.monotonic() - t0 < 600 and str(client.get_job_status(first)) not in ("FAILED", "SUCCEEDED",
+                                                                                           "JobStatus.FAILED"), \
+            client.get_job_logs(first)[-4000:]
+        time.sleep(0.5)
+    assert client.stop_job(first)
+    assert wait_job(client, first, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
+    recs = S.Storage(store).records()
+    assert 1 <= sum(r["status"] == "done" for r in recs) < len(SMOKE_KEYS) or len(S.read_attacks(S.Storage(store))) < SMOKE_ROWS
+    # ... leaves a folder that a second job with --resume finishes
+    second = client.submit_job(entrypoint=sweep + " --resume", runtime_env=WORKING_DIR)
+    assert wait_job(client, second, {"FAILED", "SUCCEEDED", "STOPPED"}) == "SUCCEEDED", client.get_job_logs(second)[-4000:]
+    logs = client.get_job_logs(second)
+    assert "joined the Ray cluster at" in logs and "results:" in logs
+    check_results(store)

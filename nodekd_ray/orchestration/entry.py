@@ -94,6 +94,19 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     return ap
 
 
+# Set by Ray's job supervisor in the environment of a job's entrypoint (`ray job submit`, a KubeRay RayJob).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def check_job_storage(storage: str) -> None:
+    """A job submitted through Ray's Jobs API runs in a temporary copy of its working directory, which
+    Ray deletes: a relative storage folder there would lose the results. Refused in one line."""
+    if os.environ.get(RAY_JOB_ENV) and "://" not in storage and not os.path.isabs(os.path.expanduser(storage)):
+        raise ConfigError("storage", f"{storage!r} is relative, and this Ray job runs in a temporary copy of its "
+                                     "working directory that Ray deletes: pass --storage an absolute path on a shared "
+                                     "mount or a URI (s3://bucket/prefix), or set NODEKD_STORAGE on the cluster")
+
+
 def settings_from_args(args) -> Settings:
     scale = SCALES[scale_of(args)]
     teacher, student = dict(scale.get("teacher", {})), dict(scale.get("student", {}))
@@ -176,6 +189,7 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
                               attack_retries=args.attack_retries, max_concurrent=args.max_concurrent).validate()
         storage = args.storage or {"smoke": "runs/nodekd-smoke", "paper": "runs/nodekd"}.get(
             scale_of(args), f"runs/nodekd-{scale_of(args)}")
+        check_job_storage(storage)
         if args.dry_run:
             costs = None
             if args.costs:
