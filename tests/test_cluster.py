@@ -225,14 +225,20 @@ def test_gpu_yaml_passes_rays_validation_and_pins_the_environment(monkeypatch):
     assert cfg["docker"]["head_image"].startswith(f"rayproject/ray:{RAY_PIN}-py312")
     assert cfg["docker"]["worker_image"] == f"rayproject/ray:{RAY_PIN}-py312-gpu"
     assert "boto3" in " ".join(deps["optional-dependencies"]["cluster"])
-    setup = " ".join(cfg["setup_commands"])
-    assert "[cluster" in setup and '"torch==2.15.0" "torchvision==0.29.2"' in setup
+    for part in ("head_setup_commands", "worker_setup_commands"):   # the pair, then the package, on each type
+        setup = " ".join(cfg[part])
+        assert '"[cluster,s3]"' in setup and "torch==2.15.0 torchvision==0.29.2" in setup
     # explicit resources on every node type; the GPU type declares its GPU; workers get a profile
     types = cfg["available_node_types"]
     assert all({"CPU", "GPU", "memory"} <= set(t["resources"]) for t in types.values())
     assert types["gpu_worker"]["resources"]["GPU"] == 1 and types["head"]["resources"]["GPU"] == 0
     assert types["gpu_worker"]["node_config"]["IamInstanceProfile"] == {"Name": "ray-autoscaler-v1"}
-    assert all("latest_dlami" not in str(t["node_config"]["ImageId"]) for t in types.values())
+    # one pinned AMI, a security group of the user's (EFS admits it), on every node type
+    assert all(t["node_config"]["ImageId"] == "ami-REPLACE-ME" for t in types.values())
+    assert all(t["node_config"]["SecurityGroupIds"] == ["sg-REPLACE-ME"] for t in types.values())
+    # GPUs passed explicitly to the workers' containers
+    assert cfg["docker"]["worker_run_options"] == ["--gpus all"]
+    assert cfg["docker"]["disable_automatic_runtime_detection"] is True
     # `ray up` hashes every file under each local file_mounts path: none of them may hold .venv
     monkeypatch.chdir(ROOT)
     opened = []

@@ -305,3 +305,118 @@ def test_jobs_api_submit_stop_and_resume_with_a_working_directory(ray_head, tmp_
     logs = client.get_job_logs(second)
     assert "joined the Ray cluster at" in logs and "results:" in logs
     check_results(store)
+
+
+# ----------------------------------------------------------------------------- KubeRay, the image, the pins
+
+KUBERAY = os.path.join(DATA, "kuberay-v1.7.0")   # ray-operator/config/crd/bases/ray.io_rayjobs.yaml at v1.7.0
+
+
+def crd_validator(path: str):
+    """A JSON-schema validator for a CRD's v1 openAPIV3Schema, as strict as the API server's structural
+    schema: an object with listed properties takes no others, unless the schema keeps unknown fields."""
+    import jsonschema
+
+    crd = load(path)
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+    def strict(node):
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for v in node.values():
+                strict(v)
+        elif isinstance(node, list):
+            for v in node:
+                strict(v)
+
+    strict(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_rayjob_manifest_validates_against_kuberays_crd():
+    v = crd_validator(os.path.join(KUBERAY, "ray.io_rayjobs.yaml"))
+    job = load(os.path.join(ROOT, "cluster", "kuberay", "rayjob.yaml"))
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(job)]
+    assert not errors, errors
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and "--resume" in spec["entrypoint"]
+    assert "NODEKD_STORAGE: s3://" in spec["runtimeEnvYAML"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray_pin() and cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    (gpu,) = cluster["workerGroupSpecs"]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
+    (worker,) = gpu["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    images = {c["image"] for g in (head, gpu) for c in g["template"]["spec"]["containers"]}
+    assert len(images) == 1 and images.pop().endswith("/nodekd-ray:" + project_version())
+    # the validator is strict: a misspelt field is an error, as the API server would refuse it
+    bad = copy.deepcopy(job)
+    bad["spec"]["shutdownAfterJobFinish"] = bad["spec"].pop("shutdownAfterJobFinishes")
+    assert any("shutdownAfterJobFinish" in e.message for e in v.iter_errors(bad))
+    bad = copy.deepcopy(job)
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "zero"
+    assert list(v.iter_errors(bad))
+
+
+def ray_pin() -> str:
+    import tomllib
+
+    deps = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["dependencies"]
+    (pin,) = [d.split("==")[1] for d in deps if d.startswith("ray[tune]==")]
+    return pin
+
+
+def project_version() -> str:
+    import tomllib
+
+    return tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["version"]
+
+
+def torch_pair() -> list[str]:
+    (line,) = [x for x in open(os.path.join(ROOT, "Makefile")) if x.startswith("TORCH_PAIR :=")]
+    return line.split(":=")[1].split()
+
+
+def test_dockerfile_and_cluster_configs_carry_the_projects_pins():
+    docker = open(os.path.join(ROOT, "cluster", "Dockerfile")).read()
+    (base,) = re.findall(r"^FROM (\S+)$", docker, re.M)
+    assert base == f"rayproject/ray:{ray_pin()}-py312-gpu"
+    assert f"pip install --no-cache-dir {' '.join(torch_pair())}\n" in docker
+    assert '".[cluster,s3]"' in docker and f"ray.__version__ == '{ray_pin()}'" in docker
+    for name in ("gpu.yaml", "gpu-image.yaml"):
+        cfg = load(os.path.join(ROOT, "cluster", name))
+        cmds = " ".join(cfg["setup_commands"] + cfg["head_setup_commands"] + cfg["worker_setup_commands"])
+        assert f"ray.__version__ == '{ray_pin()}'" in cmds
+        for part in ("head_setup_commands", "worker_setup_commands"):
+            for c in cfg[part]:
+                if "torch==" in c:
+                    assert c.split()[3:5] == torch_pair(), c
+    cfg = load(GPU_YAML)
+    head, worker = cfg["head_setup_commands"][0], cfg["worker_setup_commands"][0]
+    assert head.endswith("--index-url https://download.pytorch.org/whl/cpu")   # no CUDA torch on the CPU head
+    assert "--index-url" not in worker
+    assert cfg["docker"]["worker_image"] == f"rayproject/ray:{ray_pin()}-py312-gpu"
+
+
+def test_the_image_config_is_gpu_yaml_but_for_its_image_parts():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    a, b = load(GPU_YAML), load(os.path.join(ROOT, "cluster", "gpu-image.yaml"))
+    validate_config(prepare_config(copy.deepcopy(b)))
+    assert b["file_mounts"] == {} and b["worker_setup_commands"] == []
+    assert not any("pip install" in c for c in b["setup_commands"] + b["head_setup_commands"])
+    assert b["docker"]["head_image"] == b["docker"]["worker_image"] != a["docker"]["worker_image"]
+    assert b["initialization_commands"][:-1] == a["initialization_commands"]
+    assert "docker login" in b["initialization_commands"][-1]
+    assert b["setup_commands"] == [c for c in a["setup_commands"] if "nodekd_env" in c]
+    assert b["head_setup_commands"][1:] == a["head_setup_commands"][3:]   # the data download
+    same = set(a) - {"docker", "file_mounts", "rsync_exclude", "initialization_commands", "setup_commands",
+                     "head_setup_commands", "worker_setup_commands"}
+    assert {k: a[k] for k in same} == {k: b[k] for k in same}
+    assert {k: v for k, v in a["docker"].items() if not k.endswith("image") and k != "pull_before_run"} == \
+        {k: v for k, v in b["docker"].items() if not k.endswith("image") and k != "pull_before_run"}
