@@ -298,3 +298,23 @@ def test_ray_submit_keeps_a_storage_uri_intact(monkeypatch, tmp_path, tmux):
     argv = json.load(open(tmp_path / "argv.json"))
     assert argv == [str(home / "table2.py"), "--storage", uri, "--resume"]
     assert shlex.split(got["cmd"])  # a well-formed shell line
+
+
+def test_cpus_per_trial_auto_takes_a_gpu_nodes_cpus_per_gpu(tmp_path):
+    from nodekd_ray.orchestration import Resources
+    from nodekd_ray.orchestration.driver import gpu_node_cpus_per_gpu
+
+    # live nodes: the fewest CPUs per GPU among nodes with GPUs; the CPU head does not count
+    assert gpu_node_cpus_per_gpu([{"CPU": 8}, {"CPU": 8, "GPU": 1}, {"CPU": 48, "GPU": 4}]) == 8
+    # no GPU node up yet: the autoscaler's node types, as `ray up` writes them to the head
+    boot = tmp_path / "ray_bootstrap_config.yaml"
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "cluster", "gpu.yaml")))
+    boot.write_text(yaml.safe_dump(cfg))
+    assert gpu_node_cpus_per_gpu([{"CPU": 8}], bootstrap=str(boot)) == 8      # g5.2xlarge: 8 vCPU, 1 GPU
+    assert gpu_node_cpus_per_gpu([{"CPU": 8}], bootstrap=str(tmp_path / "none.yaml")) is None
+    auto = Resources()
+    assert auto.request(on_cluster=True, cpus_per_gpu=8) == {"cpu": 8.0, "gpu": 1.0}
+    assert Resources(gpus_per_trial=0.5).request(on_cluster=True, cpus_per_gpu=8) == {"cpu": 4.0, "gpu": 0.5}
+    assert auto.request(on_cluster=True, cpus_per_gpu=None) == {"cpu": 1.0, "gpu": 1.0}   # nothing known
+    assert auto.request(on_cluster=False, local_gpus=0, cpus_per_gpu=16) == {"cpu": 1.0, "gpu": 0.0}  # CPU trials
+    assert Resources(cpus_per_trial=2).request(on_cluster=True, cpus_per_gpu=8)["cpu"] == 2   # given: kept

@@ -88,12 +88,25 @@ def job_from_dict(d: dict):
     return cls(**d)
 
 
+def use_held_cpus() -> int:
+    """torch's threads = the CPUs this Ray job holds (Ray sets OMP_NUM_THREADS from them when the worker
+    starts; a worker reused for a job of another size keeps its first value without this)."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+    return torch.get_num_threads()
+
+
 def train_trial(config, *, data_refs, table_refs, settings, storage_root):
     """The Tune function trainable for teachers and students alike."""
     import ray
     import torch
     from ray import tune
 
+    use_held_cpus()
     job = job_from_dict(config["job"])
     storage = Storage(storage_root)
     data = data_from_ref(ray.get(data_refs[job.dataset]))
@@ -119,6 +132,7 @@ def _logits_task(teacher: dict, mode: str, settings: dict, storage_root: str, da
     """Two returns: a small status (checked by the driver) and the table (fetched by students only)."""
     import ray
 
+    use_held_cpus()
     table = logit_table(job_from_dict(teacher), mode, Settings(**settings), Storage(storage_root),
                         data_from_ref(data), held=ray.get_gpu_ids())
     return "ok", table
@@ -127,6 +141,7 @@ def _logits_task(teacher: dict, mode: str, settings: dict, storage_root: str, da
 def _attack_task(job: dict, settings: dict, storage_root: str, data) -> str:
     import ray
 
+    use_held_cpus()
     return run_attack(job_from_dict(job), Settings(**settings), Storage(storage_root), data_from_ref(data)[1],
                       held=ray.get_gpu_ids())
 
@@ -136,14 +151,14 @@ def _attack_task(job: dict, settings: dict, storage_root: str, data) -> str:
 
 @dataclasses.dataclass
 class Resources:
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: float | None = None   # None (auto): a GPU node's CPUs per GPU for a GPU job, else 1
     gpus_per_trial: float | None = None   # None: 1 on a cluster (GPU workers may not be up yet); locally the GPUs seen
     max_failures: int = 2                 # Tune retries of a failed trial, from its last checkpoint
     attack_retries: int = 2               # Ray retries of an attack task whose worker died
     max_concurrent: int = 0               # 0: as many trials as the resources allow
 
     def validate(self):
-        if not 0 < self.cpus_per_trial < float("inf"):
+        if self.cpus_per_trial is not None and not 0 < self.cpus_per_trial < float("inf"):
             raise ConfigError("cpus_per_trial", f"must be > 0 and finite, got {self.cpus_per_trial}")
         if self.gpus_per_trial is not None and not 0 <= self.gpus_per_trial < float("inf"):
             raise ConfigError("gpus_per_trial", f"must be >= 0 and finite, got {self.gpus_per_trial}")
@@ -152,18 +167,50 @@ class Resources:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         return self
 
-    def request(self, on_cluster: bool, local_gpus: float = 0.0) -> dict:
+    def request(self, on_cluster: bool, local_gpus: float = 0.0, cpus_per_gpu: float | None = None) -> dict:
         """What every GPU-worthy job (trials, logits and attack tasks) asks Ray for.
 
         On a cluster the default is 1 GPU whether or not a GPU node is up yet: an autoscaling
         cluster starts with a CPU head only, and the autoscaler launches GPU workers only for
         jobs that ask for GPUs. On a fresh local instance the default is 1 if this machine has a
         GPU, else 0. --gpus-per-trial 0 forces CPUs.
+
+        CPUs (--cpus-per-trial, default auto): a job holding GPUs asks for its share of a GPU node's
+        CPUs (``cpus_per_gpu``, from gpu_node_cpus_per_gpu): Ray caps a task's torch threads at the
+        CPUs it holds, and one CPU left the other 7 of a g5.2xlarge idle. A CPU job asks for 1, so that
+        trials run side by side on the cores.
         """
         gpus = self.gpus_per_trial
         if gpus is None:
             gpus = 1.0 if on_cluster or local_gpus > 0 else 0.0
-        return {"cpu": self.cpus_per_trial, "gpu": gpus}
+        cpus = self.cpus_per_trial
+        if cpus is None:
+            cpus = max(1.0, float(int(gpus * cpus_per_gpu))) if gpus > 0 and cpus_per_gpu else 1.0
+        return {"cpu": cpus, "gpu": gpus}
+
+
+def gpu_node_cpus_per_gpu(nodes=None, bootstrap: str = "~/ray_bootstrap_config.yaml") -> float | None:
+    """CPUs per GPU of the GPU nodes that jobs will run on: the fewest among the live nodes with GPUs,
+    else among the GPU node types of the autoscaler's config (``ray up`` writes it to the head, where
+    the sweep's driver runs), else None (no GPU node known: jobs ask for 1 CPU)."""
+    if nodes is None:
+        import ray
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    ratios = [r["CPU"] / r["GPU"] for r in nodes if r.get("GPU", 0) > 0 and r.get("CPU", 0) > 0]
+    if not ratios:
+        path = os.path.expanduser(bootstrap)
+        if os.path.exists(path):
+            try:
+                import yaml
+
+                with open(path) as f:
+                    types = (yaml.safe_load(f) or {}).get("available_node_types", {})
+                ratios = [t["resources"]["CPU"] / t["resources"]["GPU"] for t in types.values()
+                          if t.get("resources", {}).get("GPU", 0) > 0 and t["resources"].get("CPU", 0) > 0]
+            except (OSError, ValueError, KeyError, TypeError, ImportError):
+                ratios = []
+    return min(ratios) if ratios else None
 
 
 def running_cluster() -> str | None:
@@ -400,7 +447,7 @@ def _run_sweep(p, staged, specs, settings, storage, sweep_name, resources, resum
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     on_cluster = connect(address, num_cpus, log=log)
     ctrl_c.check()
-    res = resources.request(on_cluster, ray.cluster_resources().get("GPU", 0))
+    res = resources.request(on_cluster, ray.cluster_resources().get("GPU", 0), gpu_node_cpus_per_gpu())
     if settings.student.get("norm_impl") == "triton" and not res["gpu"]:
         raise _refused(storage, existed, ConfigError(
             "norm_impl", "'triton' runs its kernels on GPUs, and this sweep's trials get none (--gpus-per-trial "

@@ -9,7 +9,7 @@ import sys
 from ..data import DATASETS
 from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
 from ..sweep import SCALES, Settings, SweepSpec, expected_cost, job_config, list_schedule, plan
-from .driver import Resources, exit_now, run_sweep, stages
+from .driver import Resources, exit_now, gpu_node_cpus_per_gpu, run_sweep, stages
 
 
 def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default_scale="paper") -> argparse.ArgumentParser:
@@ -74,7 +74,10 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     ap.add_argument("--data-root", default=os.environ.get("NODEKD_DATA_ROOT", "data"),
                     help="where cifar10/svhn live (default $NODEKD_DATA_ROOT, else data)")
     ap.add_argument("--download", action="store_true", help="download missing cifar10/svhn files")
-    ap.add_argument("--cpus-per-trial", type=float, default=1.0)
+    ap.add_argument("--cpus-per-trial", type=float, default=None,
+                    help="CPUs each trial, logits and attack job asks for (default: auto, a GPU node's CPUs per "
+                         "GPU for a job holding GPUs, e.g. 8 on a g5.2xlarge: Ray caps a job's threads at its CPUs; "
+                         "1 for a CPU job)")
     ap.add_argument("--gpus-per-trial", type=float, default=None,
                     help="GPUs each trial, logits and attack job asks for; may be fractional. Default: 1 on a "
                          "cluster (also before a GPU node is up: the autoscaler starts one), else 1 if this "
@@ -220,6 +223,13 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
     return print_summary(summary)
 
 
+def local_cpus_per_gpu() -> float | None:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return (os.cpu_count() or 1) / gpus if gpus else None
+
+
 def print_summary(summary: dict) -> int:
     secs = ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items())
     print(f"\ntime: {secs}")
@@ -255,7 +265,8 @@ def print_plan(specs, settings: Settings, resources: Resources, storage: str, *,
     p = plan(specs, eps_per_task=settings.eps_per_task)
     staged = stages(p, settings)
     on_cluster = address != "local" and (address or running_cluster()) is not None
-    res = resources.request(on_cluster, torch.cuda.device_count())
+    res = resources.request(on_cluster, torch.cuda.device_count(),
+                            gpu_node_cpus_per_gpu(nodes=[]) if on_cluster else local_cpus_per_gpu())
     models = {j.key: j for j in p.jobs()}
     cost = {j.key: expected_cost(j, settings) for j in p.jobs()}
     attack_cost = [expected_cost(a, settings, models[a.model_key]) for a in p.attacks]
