@@ -10,6 +10,7 @@ import sys
 try:  # Ctrl-C while torch and Ray load: one line, exit 130
     from nodekd_ray.errors import ConfigError
     from nodekd_ray.orchestration import Resources, SweepFailed, exit_now, run_search, settings_from_args, sweep_parser
+    from nodekd_ray.orchestration.entry import check_job_storage
 except KeyboardInterrupt:
     sys.exit(print(f"{sys.argv[0]}: interrupted while starting; nothing was written", file=sys.stderr) or 130)
 
@@ -27,9 +28,11 @@ if __name__ == "__main__":
         args.dataset = args.dataset or ["cifar10"]
         if len(args.dataset) != 1:
             raise ConfigError("dataset", "the search takes one data set")
+        storage = args.storage or ("runs/nodekd-smoke" if args.smoke_test else "runs/nodekd")
+        check_job_storage(storage)
         best = run_search(dataset=args.dataset[0], teacher=args.teacher, t1=args.t1, logits_mode=args.logits_mode,
                           num_samples=args.num_samples, settings=settings_from_args(args).validate(),
-                          storage_root=args.storage or ("runs/nodekd-smoke" if args.smoke_test else "runs/nodekd"),
+                          storage_root=storage,
                           resources=Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_failures,
                                               max_concurrent=args.max_concurrent).validate(),
                           lam_range=tuple(args.lam_range), T_range=tuple(args.T_range),

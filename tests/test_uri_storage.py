@@ -190,3 +190,42 @@ def test_the_lambda_T_search_continues_its_study_from_s3(s3, tmp_path):
     best = st.read_json(st.path("lam-T-digits-resnet20-t1-paper.json"))
     assert best["trials"] == 2 and best["journal"] == f"s3://{st.base}/optuna.journal"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_search_trial_left_running_is_queued_again_and_resumes_from_its_checkpoint(where, tmp_path, s3):
+    """A killed search leaves its running trials RUNNING in the Optuna journal and their checkpoints in
+    the old Tune experiment; the rerun closes them as FAIL, queues their (lam, T) first, and hands the
+    trial the checkpoint to start from."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from nodekd_ray.orchestration.search import interrupted_checkpoints, reopen_interrupted, search_key
+
+    journal = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    study = optuna.create_study(study_name="lam-T-x", storage=journal, direction="maximize")
+    space = {"lam": optuna.distributions.FloatDistribution(0, 1),
+             "T": optuna.distributions.FloatDistribution(1, 30, log=True)}   # the search's (OptunaSearch suggests)
+    study.tell(study.ask(space), 0.5)
+    left = study.ask(space)   # the killed run's trial
+    assert reopen_interrupted(optuna.load_study(study_name="lam-T-x", storage=journal), log=lambda *a: None) == 1
+    study = optuna.load_study(study_name="lam-T-x", storage=journal)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "WAITING"]
+    again = study.ask(space)
+    assert again.params == left.params and again.user_attrs["reopens_trial"] == left.number
+    # its checkpoints in the earlier experiment: the latest one, found by its (lam, T)
+    st = Storage(str(tmp_path / "store") if where == "local" else s3())
+    base = {"type": "StudentJob", "dataset": "digits", "t1": 1.0, "seed": 0, "teacher": "resnet20", "T": None,
+            "lam": None, "logits_mode": "paper"}
+    trial = st.path("tune", "lam-T-x-1", "search_trial_ab12_00001")
+    st.write_json({"lam": left.params["lam"], "T": left.params["T"]}, trial + "/params.json")
+    for k in (0, 1):
+        st.write_bytes(trial + f"/checkpoint_00000{k}/state.pt", b"epoch %d" % k)
+    other = st.path("tune", "another-study-1", "t", "checkpoint_000005")
+    st.write_json({"lam": left.params["lam"], "T": left.params["T"]}, other.rsplit("/", 1)[0] + "/params.json")
+    st.write_bytes(other + "/state.pt", b"not this study's")
+    found = interrupted_checkpoints(st, "lam-T-x", base)
+    key = search_key(base, left.params["lam"], left.params["T"])["key"]
+    assert list(found) == [key] and st.read_bytes(found[key]) == b"epoch 1"

@@ -100,8 +100,10 @@ def use_held_cpus() -> int:
     return torch.get_num_threads()
 
 
-def train_trial(config, *, data_refs, table_refs, settings, storage_root):
-    """The Tune function trainable for teachers and students alike."""
+def train_trial(config, *, data_refs, table_refs, settings, storage_root, resume_path=None):
+    """The Tune function trainable for teachers and students alike. ``resume_path``: a checkpoint's
+    state.pt in the storage to start from when Tune has none for this trial (the search's interrupted
+    trials, run again in a new Tune experiment)."""
     import ray
     import torch
     from ray import tune
@@ -118,6 +120,12 @@ def train_trial(config, *, data_refs, table_refs, settings, storage_root):
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    elif resume_path is not None:
+        blob = storage.read_bytes(resume_path)
+        if blob is not None:
+            import io
+
+            resume = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
     def report(metrics, state):
         with tempfile.TemporaryDirectory() as d:

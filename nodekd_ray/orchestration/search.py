@@ -21,11 +21,58 @@ GRACE_FRACTION = 0.25     # ASHA grace period, as a fraction of the trial's epoc
 REDUCTION_FACTOR = 2      # ASHA: keep the top 1/2 at each rung
 
 
-def search_trial(config, *, base, **params):
-    """One Optuna-proposed (lam, T): a KD student keyed by its rounded values."""
-    job = dict(base, T=round(float(config["T"]), 3), lam=round(float(config["lam"]), 3))
+def search_key(base: dict, lam: float, T: float) -> dict:
+    """The student job of one proposed (lam, T), keyed by its rounded values."""
+    job = dict(base, T=round(float(T), 3), lam=round(float(lam), 3))
     job["key"] = StudentJob(**{k: v for k, v in job.items() if k not in ("type", "key")}).key
-    train_trial({"job": job}, **params)
+    return job
+
+
+def search_trial(config, *, base, resume_from=None, **params):
+    """One Optuna-proposed (lam, T): a KD student keyed by its rounded values. ``resume_from``: job key ->
+    the last checkpoint of an interrupted earlier run of the same (lam, T) (reopen_interrupted)."""
+    job = search_key(base, config["lam"], config["T"])
+    train_trial({"job": job}, resume_path=(resume_from or {}).get(job["key"]), **params)
+
+
+def reopen_interrupted(study, log=print) -> int:
+    """Trials that an earlier run left RUNNING in the journal (its driver was killed; this run holds the
+    folder's lock, so none of them runs now): each is closed as FAIL and its (lam, T) queued again, so
+    the next sample Optuna proposes is that one, and it resumes from its last checkpoint
+    (interrupted_checkpoints). Returns how many were reopened."""
+    import optuna
+
+    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for t in running:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"reopens_trial": t.number})
+    if running:
+        log(f"optuna study {study.study_name!r}: {len(running)} trial(s) interrupted by an earlier run "
+            f"(numbers {', '.join(str(t.number) for t in running)}) queued again with their (lam, T)")
+    return len(running)
+
+
+def interrupted_checkpoints(storage: Storage, study_name: str, base: dict) -> dict:
+    """Job key -> the latest Tune checkpoint (state.pt) of that (lam, T) in this study's earlier Tune
+    experiments (STORAGE/tune/STUDY-N/TRIAL/checkpoint_K/state.pt, the trial's params.json beside)."""
+    tune_dir = storage.path("tune")
+    if not storage.isdir(tune_dir):
+        return {}
+    best: dict[str, tuple[int, str]] = {}
+    for path in storage.files(tune_dir, recursive=True):   # pyarrow's paths: '/'-separated
+        parts = path.split("/")
+        if (parts[-1] != "state.pt" or len(parts) < 4 or not parts[-2].startswith("checkpoint_")
+                or not parts[-4].startswith(f"{study_name}-")):
+            continue
+        params = storage.read_json("/".join(parts[:-2] + ["params.json"]))
+        if not params or "lam" not in params or "T" not in params:
+            continue
+        key = search_key(base, params["lam"], params["T"])["key"]
+        index = int(parts[-2].split("_")[-1])
+        if key not in best or index > best[key][0]:
+            best[key] = (index, path)
+    return {k: v[1] for k, v in best.items()}
 
 
 def grace_period(epochs: int, grace_fraction: float = GRACE_FRACTION) -> int:
@@ -115,6 +162,7 @@ def _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_ro
     journal = JournalStorage(JournalFileBackend(sync.local))
     study = optuna.create_study(study_name=study_name, storage=journal, direction="maximize", load_if_exists=True)
     states = optuna.trial.TrialState
+    reopen_interrupted(study, log)
     finished = [t for t in study.trials if t.state in (states.COMPLETE, states.PRUNED)]
     remaining = max(0, num_samples - len(finished))
     log(f"optuna study {study_name!r}: {len(finished)} finished trials in {sync.url}, {remaining} to run; "
@@ -123,8 +171,11 @@ def _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_ro
     if remaining:
         base = {"type": "StudentJob", "dataset": dataset, "t1": float(t1), "seed": 0, "teacher": teacher,
                 "T": None, "lam": None, "logits_mode": logits_mode}
+        resume_from = interrupted_checkpoints(storage, study_name, base)
+        if resume_from:
+            log(f"{len(resume_from)} (lam, T) with a checkpoint from an earlier run: an interrupted one resumes there")
         trainable = tune.with_resources(
-            tune.with_parameters(search_trial, base=base, data_refs={dataset: data_ref}, table_refs=table_refs,
+            tune.with_parameters(search_trial, base=base, resume_from=resume_from, data_refs={dataset: data_ref}, table_refs=table_refs,
                                  settings=settings.to_dict(), storage_root=storage.root), res)
         searcher = pruning_searcher(epochs, metric="test_accuracy", mode="max", study_name=study_name,
                                     storage=journal, seed=0)
