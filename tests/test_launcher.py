@@ -420,3 +420,36 @@ def test_the_image_config_is_gpu_yaml_but_for_its_image_parts():
     assert {k: a[k] for k in same} == {k: b[k] for k in same}
     assert {k: v for k, v in a["docker"].items() if not k.endswith("image") and k != "pull_before_run"} == \
         {k: v for k, v in b["docker"].items() if not k.endswith("image") and k != "pull_before_run"}
+
+
+def config_problems(cfg: dict) -> list[str]:
+    """Issue 26's defects of a launcher config that a loopback run cannot show (they live in its AWS and
+    docker parts), each as one line."""
+    out = []
+    docker = cfg.get("docker", {})
+    if "--gpus all" not in docker.get("worker_run_options", []) + docker.get("run_options", []):
+        out.append("GPU passthrough left to Ray's detection of docker's runtimes")
+    types = cfg["available_node_types"].values()
+    if not all(t["node_config"].get("SecurityGroupIds") for t in types):
+        out.append("no SecurityGroupIds: Ray's own group, which EFS's mount target does not admit")
+    if any("latest" in str(t["node_config"].get("ImageId")) for t in types):
+        out.append("the AMI follows AWS's latest release: nodes started mid-sweep may differ")
+    inits = " ".join(cfg.get("initialization_commands", []))
+    if "nfs-common" not in inits:
+        out.append("nfs-common assumed on the host")
+    head_cmds = cfg.get("setup_commands", []) + cfg.get("head_setup_commands", [])
+    if any("torch==" in c and "whl/cpu" not in c for c in head_cmds):
+        out.append("the CPU head installs CUDA torch")
+    installs = [i for i, c in enumerate(head_cmds) if "pip install" in c and " -e " in c]
+    chowns = [i for i, c in enumerate(head_cmds) if "chown" in c]
+    if installs and not (chowns and min(chowns) < min(installs)):
+        out.append("pip install -e into a folder docker created as root")
+    if "NODEKD_STORAGE=s3://" not in " ".join(head_cmds):
+        out.append("results default to the EFS folder, unreachable after `ray down`")
+    return out
+
+
+def test_config_problems_none_today_all_before():
+    assert config_problems(load(GPU_YAML)) == []
+    assert config_problems(load(os.path.join(ROOT, "cluster", "gpu-image.yaml"))) == []
+    assert len(config_problems(load(OLD_GPU_YAML))) == 7, config_problems(load(OLD_GPU_YAML))
