@@ -195,7 +195,7 @@ def test_cluster_config_structure():
     assert workers and all(t["max_workers"] >= 1 and t["min_workers"] == 0 for t in workers)
     assert cfg["max_workers"] >= max(t["max_workers"] for t in workers)
     assert {"./nodekd_ray", "./sweeps", "./pyproject.toml"} <= set(cfg["file_mounts"].values())  # what installs
-    setup = " ".join(cfg["setup_commands"])
+    setup = " ".join(cfg["head_setup_commands"] + cfg["worker_setup_commands"])
     assert "pip install" in setup and "nodekd download cifar10 svhn" in " ".join(cfg["head_setup_commands"])
     assert "torch==" in setup and "torchvision==" in setup  # a matched pair
     head = " ".join(cfg["head_start_ray_commands"])

@@ -209,7 +209,8 @@ def test_a_search_trial_left_running_is_queued_again_and_resumes_from_its_checkp
              "T": optuna.distributions.FloatDistribution(1, 30, log=True)}   # the search's (OptunaSearch suggests)
     study.tell(study.ask(space), 0.5)
     left = study.ask(space)   # the killed run's trial
-    assert reopen_interrupted(optuna.load_study(study_name="lam-T-x", storage=journal), log=lambda *a: None) == 1
+    reopened = reopen_interrupted(optuna.load_study(study_name="lam-T-x", storage=journal), log=lambda *a: None)
+    assert reopened == [left.params]
     study = optuna.load_study(study_name="lam-T-x", storage=journal)
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "FAIL", "WAITING"]
@@ -226,6 +227,10 @@ def test_a_search_trial_left_running_is_queued_again_and_resumes_from_its_checkp
     other = st.path("tune", "another-study-1", "t", "checkpoint_000005")
     st.write_json({"lam": left.params["lam"], "T": left.params["T"]}, other.rsplit("/", 1)[0] + "/params.json")
     st.write_bytes(other + "/state.pt", b"not this study's")
-    found = interrupted_checkpoints(st, "lam-T-x", base)
+    done_trial = st.path("tune", "lam-T-x-0", "search_trial_cd34_00000")   # a finished trial's: not resumed
+    st.write_json({"lam": 0.25, "T": 3.0}, done_trial + "/params.json")
+    st.write_bytes(done_trial + "/checkpoint_000001/state.pt", b"finished")
+    found = interrupted_checkpoints(st, "lam-T-x", base, reopened)
     key = search_key(base, left.params["lam"], left.params["T"])["key"]
     assert list(found) == [key] and st.read_bytes(found[key]) == b"epoch 1"
+    assert interrupted_checkpoints(st, "lam-T-x", base, []) == {}

@@ -35,11 +35,11 @@ def search_trial(config, *, base, resume_from=None, **params):
     train_trial({"job": job}, resume_path=(resume_from or {}).get(job["key"]), **params)
 
 
-def reopen_interrupted(study, log=print) -> int:
+def reopen_interrupted(study, log=print) -> list[dict]:
     """Trials that an earlier run left RUNNING in the journal (its driver was killed; this run holds the
     folder's lock, so none of them runs now): each is closed as FAIL and its (lam, T) queued again, so
     the next sample Optuna proposes is that one, and it resumes from its last checkpoint
-    (interrupted_checkpoints). Returns how many were reopened."""
+    (interrupted_checkpoints). Returns the reopened trials' params."""
     import optuna
 
     running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
@@ -50,12 +50,16 @@ def reopen_interrupted(study, log=print) -> int:
     if running:
         log(f"optuna study {study.study_name!r}: {len(running)} trial(s) interrupted by an earlier run "
             f"(numbers {', '.join(str(t.number) for t in running)}) queued again with their (lam, T)")
-    return len(running)
+    return [t.params for t in running if t.params]
 
 
-def interrupted_checkpoints(storage: Storage, study_name: str, base: dict) -> dict:
-    """Job key -> the latest Tune checkpoint (state.pt) of that (lam, T) in this study's earlier Tune
-    experiments (STORAGE/tune/STUDY-N/TRIAL/checkpoint_K/state.pt, the trial's params.json beside)."""
+def interrupted_checkpoints(storage: Storage, study_name: str, base: dict, reopened: list[dict]) -> dict:
+    """Job key -> the latest Tune checkpoint (state.pt) of each reopened (lam, T) in this study's earlier
+    Tune experiments (STORAGE/tune/STUDY-N/TRIAL/checkpoint_K/state.pt, the trial's params.json beside).
+    Only reopened trials: a finished one's last checkpoint is its end, with nothing left to train."""
+    wanted = {search_key(base, p["lam"], p["T"])["key"] for p in reopened if "lam" in p and "T" in p}
+    if not wanted:
+        return {}
     tune_dir = storage.path("tune")
     if not storage.isdir(tune_dir):
         return {}
@@ -69,6 +73,8 @@ def interrupted_checkpoints(storage: Storage, study_name: str, base: dict) -> di
         if not params or "lam" not in params or "T" not in params:
             continue
         key = search_key(base, params["lam"], params["T"])["key"]
+        if key not in wanted:
+            continue
         index = int(parts[-2].split("_")[-1])
         if key not in best or index > best[key][0]:
             best[key] = (index, path)
@@ -162,7 +168,7 @@ def _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_ro
     journal = JournalStorage(JournalFileBackend(sync.local))
     study = optuna.create_study(study_name=study_name, storage=journal, direction="maximize", load_if_exists=True)
     states = optuna.trial.TrialState
-    reopen_interrupted(study, log)
+    reopened = reopen_interrupted(study, log)
     finished = [t for t in study.trials if t.state in (states.COMPLETE, states.PRUNED)]
     remaining = max(0, num_samples - len(finished))
     log(f"optuna study {study_name!r}: {len(finished)} finished trials in {sync.url}, {remaining} to run; "
@@ -171,7 +177,7 @@ def _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_ro
     if remaining:
         base = {"type": "StudentJob", "dataset": dataset, "t1": float(t1), "seed": 0, "teacher": teacher,
                 "T": None, "lam": None, "logits_mode": logits_mode}
-        resume_from = interrupted_checkpoints(storage, study_name, base)
+        resume_from = interrupted_checkpoints(storage, study_name, base, reopened)
         if resume_from:
             log(f"{len(resume_from)} (lam, T) with a checkpoint from an earlier run: an interrupted one resumes there")
         trainable = tune.with_resources(
