@@ -216,6 +216,8 @@ def test_lambda_T_search_persists_its_optuna_study(tmp_path):
     states = optuna.trial.TrialState
     assert len(study.trials) == 3 and all(t.state in (states.COMPLETE, states.PRUNED) for t in study.trials)
     assert all(0 <= t.params["lam"] <= 1 and 1 <= t.params["T"] <= 30 for t in study.trials)
+    # the rerun drew a new (lam, T): seeded like the first run, it drew the first run's first one again
+    assert len({(round(t.params["T"], 3), round(t.params["lam"], 3)) for t in study.trials}) == 3
     # every proposal trained a KD student; a trial is COMPLETE exactly when its student ran both epochs
     kd = {(x["T"], x["lam"]): x for x in S.Storage(str(store)).records() if x["kind"] == "node_kd"}
     for t in study.trials:

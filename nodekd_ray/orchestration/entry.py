@@ -223,13 +223,6 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
     return print_summary(summary)
 
 
-def local_cpus_per_gpu() -> float | None:
-    import torch
-
-    gpus = torch.cuda.device_count()
-    return (os.cpu_count() or 1) / gpus if gpus else None
-
-
 def print_summary(summary: dict) -> int:
     secs = ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items())
     print(f"\ntime: {secs}")
@@ -265,8 +258,8 @@ def print_plan(specs, settings: Settings, resources: Resources, storage: str, *,
     p = plan(specs, eps_per_task=settings.eps_per_task)
     staged = stages(p, settings)
     on_cluster = address != "local" and (address or running_cluster()) is not None
-    res = resources.request(on_cluster, torch.cuda.device_count(),
-                            gpu_node_cpus_per_gpu(nodes=[]) if on_cluster else local_cpus_per_gpu())
+    here = [] if on_cluster else [{"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}]
+    res = resources.request(on_cluster, torch.cuda.device_count(), gpu_node_cpus_per_gpu(nodes=here))
     models = {j.key: j for j in p.jobs()}
     cost = {j.key: expected_cost(j, settings) for j in p.jobs()}
     attack_cost = [expected_cost(a, settings, models[a.model_key]) for a in p.attacks]

@@ -181,10 +181,11 @@ def _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_ro
         if resume_from:
             log(f"{len(resume_from)} (lam, T) with a checkpoint from an earlier run: an interrupted one resumes there")
         trainable = tune.with_resources(
-            tune.with_parameters(search_trial, base=base, resume_from=resume_from, data_refs={dataset: data_ref}, table_refs=table_refs,
-                                 settings=settings.to_dict(), storage_root=storage.root), res)
+            tune.with_parameters(search_trial, base=base, resume_from=resume_from, data_refs={dataset: data_ref},
+                                 table_refs=table_refs, settings=settings.to_dict(), storage_root=storage.root), res)
+        # seeded by the study's size: a rerun seeded like the first run drew the first run's first (lam, T) again
         searcher = pruning_searcher(epochs, metric="test_accuracy", mode="max", study_name=study_name,
-                                    storage=journal, seed=0)
+                                    storage=journal, seed=len(study.trials))
         tuner = tune.Tuner(
             trainable,
             param_space={"lam": tune.uniform(*lam_range), "T": tune.loguniform(*T_range)},
