@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, check_choice
-from .models import nfe_totals
+from .models import as_reference, computation_info, nfe_totals, reference_arithmetic
 
 PAPER_ATTACKS = ("pgd", "mifgsm", "fgsm")
 TOLERANCES = {"tol-1e-1": 1e-1, "tol-1e-3": 1e-3, "tol-1e-5": 1e-5}
@@ -49,6 +49,9 @@ ATTACKS = PAPER_ATTACKS + AUDIT_ATTACKS
 # attacks that only mean something on a Neural ODE (a ResNet has no solver), and those that need
 # a second model to make their images on
 NODE_ONLY = ("transfer-node", "pgd-rk4") + tuple(TOLERANCES)
+# What an attack computes on: "reference" (the default: models.REFERENCE_COMPUTATION, IEEE fp32 for ResNets
+# too, whatever the model was trained with) or "as-trained" (the model's own speed settings)
+COMPUTATIONS = ("reference", "as-trained")
 TRANSFER = ("transfer-teacher", "transfer-node")
 
 
@@ -172,6 +175,7 @@ class SweepResult:
     seconds: dict              # eps -> wall seconds
     plans: dict = field(default_factory=dict)    # eps -> attack_plan(...)
     solver: dict = field(default_factory=dict)   # solver, rtol, atol, time_input of the evaluated model (NODEs)
+    computation: dict = field(default_factory=dict)  # "computation" and models.computation_info of the evaluated model
     top_class_fraction: float = 0.0              # share of the most frequent clean prediction
 
     def robust_accuracy(self) -> dict[float, float]:
@@ -232,7 +236,7 @@ def _adversarial(attack, grad_model, x, y, eps, plan, gen, seed):
 def attack_sweep(model, images: torch.Tensor, labels: torch.Tensor, *, attack: str, eps_list, batch_size: int = 256,
                  steps: int | None = None, alpha: float = 1 / 255, seed: int = 0, device="cpu",
                  attack_misclassified: bool = False, progress=None, audit: AuditConfig | None = None,
-                 source=None) -> SweepResult:
+                 source=None, computation: str = "reference") -> SweepResult:
     """Attacks fixed batches of (uint8) images at each eps.
 
     The clean pass runs once and is shared by every eps. By default images the model already
@@ -243,7 +247,24 @@ def attack_sweep(model, images: torch.Tensor, labels: torch.Tensor, *, attack: s
     audit: the strength of the audit attacks (AuditConfig defaults when None). source: for
     transfer-* attacks, the model the adversarial images are made on. ``model`` is always the
     one evaluated; for tol-* it is evaluated (clean pass included) at that tolerance.
+
+    computation: "reference" (default) evaluates and attacks ``model`` and ``source`` on the reference
+    computation (models.as_reference, IEEE fp32 arithmetic) whatever they were trained with;
+    "as-trained" on their own settings. The result says which (SweepResult.computation).
     """
+    check_choice("computation", computation, COMPUTATIONS)
+    if computation == "as-trained":
+        return _attack_sweep(model, images, labels, attack, eps_list, batch_size, steps, alpha, seed, device,
+                             attack_misclassified, progress, audit, source, computation)
+    with reference_arithmetic():
+        return _attack_sweep(as_reference(model), images, labels, attack, eps_list, batch_size, steps, alpha, seed,
+                             device, attack_misclassified, progress, audit,
+                             None if source is None else as_reference(source), computation)
+
+
+def _attack_sweep(model, images, labels, attack, eps_list, batch_size, steps, alpha, seed, device,
+                  attack_misclassified, progress, audit, source, computation) -> SweepResult:
+    """attack_sweep's work, on the computation the models come with."""
     check_choice("attack", attack, ATTACKS)
     for e in eps_list:
         if not 0.0 <= e <= 1.0:
@@ -316,6 +337,7 @@ def attack_sweep(model, images: torch.Tensor, labels: torch.Tensor, *, attack: s
     cat = {k: np.concatenate(v) for k, v in rows.items()}
     return SweepResult(attack, cat["eps"], cat["steps"], cat["index"], np.tile(labels.cpu().numpy(), len(eps_list)),
                        cat["clean"], cat["adv"], cat["nfe"], seconds, plans, solver_info(model),
+                       {"computation": computation, **computation_info(model, device)},
                        float(counts.max()) / max(1, n))
 
 

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=256, help="fixed attack batch size")
     a.add_argument("--attack-misclassified", action="store_true",
                    help="also attack images the model gets wrong (default: they count as not robust)")
+    a.add_argument("--eval-as-trained", action="store_true",
+                   help="evaluate and attack with the model's training settings (precision, dopri5 implementation "
+                        "and step control, norms, graphs); default: the reference computation (fp32 IEEE, "
+                        "torchdiffeq's dopri5 with plain step control)")
     _common(a, training=False)
 
     r = sub.add_parser("report", help="write Tables 1-3 and Figure 1 from a sweep's results",
@@ -259,7 +263,8 @@ def cmd_attack(args) -> None:
     torch.manual_seed(args.seed)
     res = attack_sweep(model, test.images, test.labels, attack=args.attack, eps_list=eps_list,
                        batch_size=args.batch_size, steps=args.steps, seed=args.seed, device=rc.torch_device(),
-                       attack_misclassified=args.attack_misclassified, progress=progress)
+                       attack_misclassified=args.attack_misclassified, progress=progress,
+                       computation="as-trained" if args.eval_as_trained else "reference")
     atomic_write_table(sweep_table(res, seed=args.seed), args.out)
     print(f"{args.attack} on {ckpt['arch']} ({len(test)} {args.dataset} test images) -> {args.out}")
     for eps, acc in res.robust_accuracy().items():

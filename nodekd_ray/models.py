@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -766,6 +766,56 @@ class NeuralODE(nn.Module):
         h = self.integrate(h)                     # (B, width, 8, 8)
         h = F.relu(self.head_norm(h)).mean(dim=(2, 3))  # (B, width)
         return self.fc(h)                         # (B, classes)
+
+
+# ----------------------------------------------------------------------------- the reference computation
+
+# What every measurement (clean accuracy in attack rows, every attack and audit attack) runs on unless the
+# user asks to evaluate as trained: the paper's fp32 dopri5 through torchdiffeq with its plain step control,
+# IEEE fp32 convolutions, PyTorch's norms, no graphs. The speed settings are for training.
+REFERENCE_COMPUTATION = dict(precision="fp32", solver_impl="torchdiffeq", step_control="plain", norm_impl="torch",
+                             cuda_graphs=False, compile=False, recompute=False, bf16_norms=False, channels_last=False)
+
+
+def as_reference(model: nn.Module) -> nn.Module:
+    """``model`` on the reference computation: a Neural ODE trained with speed settings is rebuilt with
+    REFERENCE_COMPUTATION and the same weights (f's precision and norms are fixed when it is built, so a
+    changed cfg alone would not do); a model already there, or a ResNet, is returned as it is."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or all(getattr(cfg, k) == v for k, v in REFERENCE_COMPUTATION.items()):
+        return model
+    ref = NeuralODE(replace(cfg, **REFERENCE_COMPUTATION), model.fc.out_features, in_channels=model.stem[0].in_channels)
+    ref.load_state_dict(model.state_dict())
+    param = next(model.parameters())
+    return ref.to(param.device).train(model.training)
+
+
+def computation_info(model: nn.Module, device) -> dict:
+    """How ``model`` computes on ``device``, for result rows: precision as the device runs it (TF32 is
+    IEEE fp32 on a CPU), step control and dopri5 implementation as resolved, norms, CUDA graphs, torch."""
+    cuda = torch.device(device).type == "cuda"
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:   # a ResNet: PyTorch's default arithmetic unless run inside reference_arithmetic
+        precision = "tf32" if cuda and torch.backends.cudnn.conv.fp32_precision != "ieee" else "fp32"
+        return {"precision": precision, "step_control": "", "solver_impl": "", "norm_impl": "torch",
+                "cuda_graphs": False, "torch_version": torch.__version__}
+    precision = "fp32" if cfg.precision == "tf32" and not cuda else cfg.precision
+    return {"precision": precision, "step_control": cfg.step_control_used(cuda), "solver_impl": cfg.solver_impl_used(),
+            "norm_impl": cfg.norm_impl, "cuda_graphs": bool(cfg.cuda_graphs and cuda),
+            "torch_version": torch.__version__}
+
+
+@contextlib.contextmanager
+def reference_arithmetic():
+    """IEEE fp32 for every cuDNN convolution and CUDA matmul inside (PyTorch's default for convs is TF32):
+    a ResNet evaluated on the reference computation."""
+    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, mm.fp32_precision
+    conv.fp32_precision, mm.fp32_precision = "ieee", "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, mm.fp32_precision = before
 
 
 # ----------------------------------------------------------------------------- registry

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from .attacks import ATTACKS, AUDIT_ATTACKS, NODE_ONLY, TRANSFER, AuditConfig, attack_sweep
+from .attacks import ATTACKS, AUDIT_ATTACKS, COMPUTATIONS, NODE_ONLY, TRANSFER, AuditConfig, attack_sweep
 from .data import DATASETS, ImageSet
 from .devices import describe_device, placement_device
 from .errors import ConfigError, check_choice, check_range
@@ -361,6 +361,9 @@ class Settings:
     attack_batch_size: int = 250       # fixed attack batches (dopri5's step is per batch)
     eps_per_task: int = 4              # eps values per attack task
     audit: dict = field(default_factory=dict)   # attacks.AuditConfig overrides; empty: full strength
+    # what attacks and their clean pass compute on (attacks.COMPUTATIONS): the reference computation whatever
+    # the students were trained with, or "as-trained" (their speed settings; rows say which)
+    eval_computation: str = "reference"
 
     def validate(self) -> "Settings":
         teacher_config(TeacherJob("digits", "resnet20"), self).validate()
@@ -370,6 +373,7 @@ class Settings:
         if self.attack_batch_size < 1:
             raise ConfigError("attack_batch_size", f"must be >= 1, got {self.attack_batch_size}")
         self.audit_config()
+        check_choice("eval_computation", self.eval_computation, COMPUTATIONS)
         return self
 
     def audit_config(self) -> AuditConfig:
@@ -382,6 +386,8 @@ class Settings:
         d = json.loads(json.dumps(asdict(self)))
         if not d["audit"]:      # folders made before the audit existed keep matching
             del d["audit"]
+        if d["eval_computation"] == "reference":   # and those made before evaluation had a choice
+            del d["eval_computation"]
         return d
 
 
@@ -709,10 +715,19 @@ _FILE_FIELDS = [
     pa.field("source", pa.string()),           # transfer: the model the images were made on; pgd-rk4: "rk4 x N"
     pa.field("top_class_fraction", pa.float64()),  # share of the most frequent clean prediction (degenerate models)
     pa.field("num_classes", pa.int64()),
+    # how the rows were computed (files written before hold nulls: they ran on the model's training settings)
+    pa.field("computation", pa.string()),      # "reference" or "as-trained" (attacks.COMPUTATIONS)
+    pa.field("precision", pa.string()),        # as the device ran it: fp32, tf32, bf16
+    pa.field("step_control", pa.string()),     # dopri5's: plain, noise-aware ("" for ResNets)
+    pa.field("solver_impl", pa.string()),      # torchdiffeq, nodekd ("" for ResNets)
+    pa.field("norm_impl", pa.string()),        # torch, triton
+    pa.field("cuda_graphs", pa.bool_()),
+    pa.field("torch_version", pa.string()),
 ]
 # columns that files written by earlier versions lack (read back as nulls)
 _LATER_FIELDS = ("model_sha256", "restarts", "alpha_255", "solver", "rtol", "atol", "time_input", "source",
-                 "top_class_fraction", "num_classes")
+                 "top_class_fraction", "num_classes", "computation", "precision", "step_control", "solver_impl",
+                 "norm_impl", "cuda_graphs", "torch_version")
 # What each Parquet file holds; dataset and attack are the hive partition folders.
 ATTACK_FILE_SCHEMA = pa.schema(_FILE_FIELDS)
 ATTACK_SCHEMA = pa.schema(_FILE_FIELDS + [pa.field("dataset", pa.string()), pa.field("attack", pa.string())])
@@ -746,7 +761,7 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
     # PGD's random start is seeded by the chunk's first eps, so a rerun of a chunk repeats it exactly
     res = attack_sweep(model, test.images, test.labels, attack=job.attack, eps_list=[e / 255 for e in job.eps_255],
                        batch_size=settings.attack_batch_size, seed=seed + int(job.eps_255[0] * 1000), device=dev,
-                       audit=audit, source=source)
+                       audit=audit, source=source, computation=settings.eval_computation)
     task_seconds = time.perf_counter() - t0
     rows = []
     for e255 in job.eps_255:
@@ -767,6 +782,7 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
             "solver": res.solver.get("solver", ""), "rtol": res.solver.get("rtol"), "atol": res.solver.get("atol"),
             "time_input": res.solver.get("time_input", ""), "source": source_name,
             "top_class_fraction": res.top_class_fraction, "num_classes": int(test.num_classes),
+            **res.computation,
         })
     table = pa.Table.from_pylist(rows, schema=ATTACK_FILE_SCHEMA)
     data = parquet_bytes(table)

@@ -111,3 +111,34 @@ def test_bad_eps(text):
 
 def test_parse_eps_fractions():
     assert parse_eps("0, 8/255,0.5") == [0.0, 8 / 255, 0.5]
+
+
+def test_attacks_run_on_the_reference_computation_unless_asked_to_run_as_trained():
+    """A student trained with speed settings (bf16 convolutions, nodekd's dopri5) is attacked on the
+    reference computation by default: NFE and results equal to those of a reference copy of its weights,
+    built apart. --eval-as-trained attacks it as it is, and its rows say so."""
+    from nodekd_ray.attacks import attack_sweep
+    from nodekd_ray.models import NeuralODE, NODEConfig, as_reference
+
+    torch.manual_seed(0)
+    fast = NeuralODE(NODEConfig(width=8, stem_channels=8, precision="bf16", solver_impl="nodekd"))
+    ref = NeuralODE(NODEConfig(width=8, stem_channels=8, precision="fp32", solver_impl="torchdiffeq",
+                               step_control="plain"))
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = {"fast": fast(x.float() / 255), "ref": ref(x.float() / 255), "as_ref": as_reference(fast)(x.float() / 255)}
+    assert torch.equal(logits["as_ref"], logits["ref"]) and not torch.equal(logits["fast"], logits["ref"])
+    y = logits["ref"].argmax(1)       # every image starts correct, so every one is attacked
+    kw = dict(attack="pgd", eps_list=[0.0, 8 / 255], steps=3, batch_size=12, seed=0)
+    default, on_ref = attack_sweep(fast, x, y, **kw), attack_sweep(ref, x, y, **kw)
+    assert np.array_equal(default.nfe, on_ref.nfe) and np.array_equal(default.adv_correct, on_ref.adv_correct)
+    assert default.computation == {"computation": "reference", "precision": "fp32", "step_control": "plain",
+                                   "solver_impl": "torchdiffeq", "norm_impl": "torch", "cuda_graphs": False,
+                                   "torch_version": torch.__version__}
+    trained = attack_sweep(fast, x, y, computation="as-trained", **kw)
+    assert trained.computation["computation"] == "as-trained"
+    assert trained.computation["precision"] == "bf16" and trained.computation["solver_impl"] == "nodekd"
+    assert fast.cfg.precision == "bf16" and fast.func.precision == "bf16"    # the model itself is left as it was
+    with pytest.raises(ConfigError, match="computation"):
+        attack_sweep(fast, x, y, computation="fast", **kw)

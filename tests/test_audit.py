@@ -129,13 +129,16 @@ def test_apgd_agrees_with_the_adversarial_robustness_toolbox(trained, loss):
 
 
 def test_square_never_takes_a_gradient_and_transfer_never_takes_the_targets(node, synthetic):
+    from nodekd_ray.models import as_reference
+
     t = synthetic[1].take(16)
+    node = as_reference(node)   # what attack_sweep attacks (its own counters: attack_sweep makes no copy of it)
     b0 = node.nfe_backward
     attack_sweep(node, t.images, t.labels, attack="square", eps_list=[8 / 255], batch_size=16, audit=SMALL,
                  attack_misclassified=True)
     assert node.nfe_backward == b0
     torch.manual_seed(1)
-    source = build_model("node", node=TINY_NODE).eval()
+    source = as_reference(build_model("node", node=TINY_NODE).eval())
     res = attack_sweep(node, t.images, t.labels, attack="transfer-node", eps_list=[8 / 255], batch_size=16,
                        audit=SMALL, source=source, attack_misclassified=True)
     assert node.nfe_backward == b0 and source.nfe_backward > 0

@@ -301,3 +301,34 @@ def test_a_sweep_refuses_bad_floats_and_unwritable_storage_in_one_line(tmp_path,
     assert r.returncode == 2 and r.stderr.startswith(f"figure1.py: error: {want.format(FILE=f)}"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_rows_state_their_computation_and_old_files_without_it_still_read_and_report(finished, tmp_path):
+    """Every attack row says how it was computed; a folder written before these columns existed (its files
+    end at num_classes) still reads, with nulls there, verifies and reports."""
+    import pyarrow.parquet as pq
+
+    from nodekd_ray.report import write_report
+
+    root, _ = finished
+    rows = S.read_attacks(S.Storage(root)).to_pylist()
+    assert rows and all(r["computation"] == "reference" and r["precision"] == "fp32" and r["cuda_graphs"] is False
+                        and r["torch_version"] == torch.__version__ for r in rows)
+    nodes = [r for r in rows if r["kind"] != "teacher"]
+    assert nodes and all(r["solver_impl"] == "torchdiffeq" and r["step_control"] == "plain" for r in nodes)
+    assert all(r["solver_impl"] == "" for r in rows if r["kind"] == "teacher")
+    old = str(tmp_path / "old")
+    shutil.copytree(root, old)
+    st = S.Storage(old)
+    names = [f.name for f in S.ATTACK_FILE_SCHEMA]
+    before = names[:names.index("num_classes") + 1]          # the columns of the files written before
+    for job in ATTACKS:
+        path = st.attack_file(job)
+        pq.write_table(pq.read_table(path).select(before), path)
+        assert pq.read_schema(path).names == before
+    back = S.read_attacks(st).to_pylist()
+    assert len(back) == len(rows) and all(r["computation"] is None and r["precision"] is None for r in back)
+    assert [r["robust_accuracy"] for r in back] == [r["robust_accuracy"] for r in rows]
+    assert nodekd(["verify", "-q", old]) == 0
+    out = write_report(old)
+    assert out and all(os.path.exists(p) for p in out.values()), out

@@ -64,6 +64,10 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     ap.add_argument("--norm-impl", default=None, choices=("torch", "triton"),
                     help="students' GroupNorm + ReLU: PyTorch's ops (default), or nodekd_ray/fused_norm.py's "
                          "Triton kernels (GPUs only: one kernel each way, no casts around it under bf16)")
+    ap.add_argument("--eval-as-trained", action="store_true",
+                    help="attacks and their clean pass compute with the students' training settings (precision, "
+                         "dopri5 implementation and step control, norms, graphs) instead of the reference "
+                         "computation (fp32 IEEE, torchdiffeq's dopri5, plain step control); rows record which")
     ap.add_argument("--limit-train", type=int, default=None, metavar="N",
                     help="teachers and students train on the first N training images (default: all; "
                          "--smoke-test 1024): a quick run, not the paper's")
@@ -139,7 +143,8 @@ def settings_from_args(args) -> Settings:
         student["step_control"] = args.step_control
     if args.attack_images is not None:
         attack_images = args.attack_images
-    return Settings(teacher=teacher, student=student, attack_images=attack_images, audit=dict(scale.get("audit", {})))
+    return Settings(teacher=teacher, student=student, attack_images=attack_images, audit=dict(scale.get("audit", {})),
+                    eval_computation="as-trained" if getattr(args, "eval_as_trained", False) else "reference")
 
 
 def scale_of(args) -> str:
