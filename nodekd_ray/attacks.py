@@ -25,7 +25,10 @@ With alpha = 1/255 and s ~ 1.25 * 255 eps steps, PGD from a random start moves a
 * pgd-rk4: pgd-conv with gradients through a fixed-step rk4 copy of the model, evaluated on the
   dopri5 model (the adaptive solver's step-size control is where gradients could be obfuscated);
 * tol-1e-1, tol-1e-3, tol-1e-5: the model evaluated and attacked (pgd-conv) with test-time
-  rtol = atol set to that value (Carrara et al.), clean accuracy and NFE included.
+  rtol = atol set to that value (Carrara et al.), clean accuracy and NFE included;
+* transfer-tol-1e-5: pgd-conv images made with gradients through a solve at rtol = atol = 1e-5,
+  evaluated at the model's own tolerance (a cross-tolerance transfer: a loose tolerance that hid the
+  gradient would show here as a stronger attack than the white-box one).
 """
 from __future__ import annotations
 
@@ -43,12 +46,13 @@ from .models import as_reference, computation_info, nfe_totals, reference_arithm
 
 PAPER_ATTACKS = ("pgd", "mifgsm", "fgsm")
 TOLERANCES = {"tol-1e-1": 1e-1, "tol-1e-3": 1e-3, "tol-1e-5": 1e-5}
+CROSS_TOLERANCE = {"transfer-tol-1e-5": 1e-5}   # images made at this rtol = atol, evaluated at the model's own
 AUDIT_ATTACKS = ("pgd-conv", "pgd-long", "pgd-restarts", "apgd-ce", "apgd-dlr", "square", "transfer-teacher",
-                 "transfer-node", "pgd-rk4") + tuple(TOLERANCES)
+                 "transfer-node", "pgd-rk4") + tuple(TOLERANCES) + tuple(CROSS_TOLERANCE)
 ATTACKS = PAPER_ATTACKS + AUDIT_ATTACKS
 # attacks that only mean something on a Neural ODE (a ResNet has no solver), and those that need
 # a second model to make their images on
-NODE_ONLY = ("transfer-node", "pgd-rk4") + tuple(TOLERANCES)
+NODE_ONLY = ("transfer-node", "pgd-rk4") + tuple(TOLERANCES) + tuple(CROSS_TOLERANCE)
 # What an attack computes on: "reference" (the default: models.REFERENCE_COMPUTATION, IEEE fp32 for ResNets
 # too, whatever the model was trained with) or "as-trained" (the model's own speed settings)
 COMPUTATIONS = ("reference", "as-trained")
@@ -216,7 +220,7 @@ def _nfe(*models) -> int:
 def _adversarial(attack, grad_model, x, y, eps, plan, gen, seed):
     """Adversarial images for one batch, made with grad_model's gradients (or queries)."""
     if attack in ("pgd", "pgd-conv", "pgd-long", "pgd-restarts", "transfer-teacher", "transfer-node", "pgd-rk4") \
-            or attack in TOLERANCES:
+            or attack in TOLERANCES or attack in CROSS_TOLERANCE:
         return pgd(grad_model, x, y, eps=eps, alpha=plan["alpha"], steps=plan["steps"], generator=gen)
     if attack == "mifgsm":
         return mifgsm(grad_model, x, y, eps=eps, alpha=plan["alpha"], steps=plan["steps"])
@@ -283,6 +287,8 @@ def _attack_sweep(model, images, labels, attack, eps_list, batch_size, steps, al
         grad_model = source.to(device).eval()
     elif attack == "pgd-rk4":
         grad_model = with_solver(model, solver="rk4", step_size=model.cfg.t1 / audit.rk4_steps)
+    elif attack in CROSS_TOLERANCE:
+        grad_model = with_solver(model, rtol=CROSS_TOLERANCE[attack], atol=CROSS_TOLERANCE[attack])
     x_all = images.to(device)
     y_all = labels.to(device)
     n = len(y_all)

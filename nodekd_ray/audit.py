@@ -12,32 +12,45 @@ lower still; the rows are aggregates).
 Degenerate models (degenerate()) are flagged and left out of every verdict: a model that predicts
 one class for everything "keeps" its clean accuracy at every eps.
 
-Verdicts (supported / refuted / inconclusive), each from seed-paired differences of scores,
-mean +- 2 standard errors (n pairs):
+Verdicts (supported / refuted / inconclusive). The paired claims are judged on one difference per seed (a
+seed's pairs averaged first: in a Table-2 sweep 15 KD students share one baseline per seed, and counting
+pairs would understate the spread), with a 95% t-interval on n - 1 degrees of freedom over the n seeds:
   * "KD improves robustness": KD student minus the no-KD NODE of the same data set, horizon and
-    seed. Supported when mean - 2 SE > 0, refuted when mean + 2 SE < 0, else inconclusive.
+    seed. Supported when the interval lies above 0, refuted when below, else inconclusive.
   * "a longer horizon improves robustness": the same model (kind, teacher, T, seed) at the longer
     horizon minus at the shortest; same rule.
-  * "the robustness is not gradient masking": for each non-degenerate NODE, the best attack that
-    does not use the model's own gradient (Square, transfer, gradients through rk4) against the
-    best white-box gradient attack through the dopri5 model itself. Refuted when an indirect attack
-    beats every white-box one by more than MASKING_MARGIN points at some eps in any model
-    (Athalye et al.'s sign of obfuscated gradients), or when test-time tolerance moves robust
-    accuracy by more than TOLERANCE_MARGIN points at some eps > 0 (pgd-conv at a tol-* setting against
-    pgd-conv at the model's own tolerance, same steps: Carrara et al.'s effect); supported when
-    neither happens and the audit had indirect attacks to compare; inconclusive otherwise.
+  Each is also judged per group, the groups declared here before any data are read (DECLARED_GROUPS):
+  KD by horizon, the horizon by student (no KD, or KD with each teacher and T).
+Two claims about gradient masking, kept apart (a tolerance effect is not an obfuscated gradient):
+  * "no obfuscated gradients": for each non-degenerate NODE, the best attack that does not use the
+    model's own gradient at its own tolerance (Square, transfer, gradients through rk4 or through a
+    solve at rtol 1e-5) against the best white-box gradient attack through the model itself. Refuted when
+    an indirect attack beats every white-box one by more than MASKING_MARGIN points at some eps in any
+    model (Athalye et al.'s sign of obfuscated gradients); supported when none does and the audit had
+    indirect attacks to compare; inconclusive otherwise.
+  * "robust accuracy depends on the solver tolerance": pgd-conv at a tol-* setting (attacked and evaluated
+    at that tolerance) against pgd-conv at the model's own tolerance, same steps: supported when it moves
+    robust accuracy by more than TOLERANCE_MARGIN points at some eps > 0 (Carrara et al.'s effect: another
+    tolerance is another function, so this says nothing about masking), refuted when it never does,
+    inconclusive when no tolerance was compared.
 """
 from __future__ import annotations
 
 import math
 import statistics
 
+from scipy import stats
+
 PAPER = ("pgd", "mifgsm")
 WHITE_BOX = ("pgd", "mifgsm", "fgsm", "pgd-conv", "pgd-long", "pgd-restarts", "apgd-ce", "apgd-dlr")
-INDIRECT = ("square", "transfer-teacher", "transfer-node", "pgd-rk4")
+INDIRECT = ("square", "transfer-teacher", "transfer-node", "pgd-rk4", "transfer-tol-1e-5")
 TOLERANCE_ATTACKS = ("tol-1e-1", "tol-1e-3", "tol-1e-5")
 MASKING_MARGIN = 3.0     # accuracy points
 TOLERANCE_MARGIN = 10.0  # accuracy points
+CONFIDENCE = 0.95        # the paired claims' t-intervals
+# The groups each paired claim is also judged in, fixed before the data are read (not chosen after a pooled
+# verdict comes out inconclusive): the KD claim per horizon, the horizon claim per student.
+DECLARED_GROUPS = {"KD improves robustness": "horizon", "a longer horizon improves robustness": "student"}
 NAMES = {"resnet20": "ResNet20", "resnet32": "ResNet32", "resnet44": "ResNet44", "resnet56": "ResNet56",
          "resnet110": "ResNet110"}
 
@@ -123,34 +136,50 @@ def _fmt(x, nd=1):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """(mean, half width) of the ``confidence`` t-interval of the mean, n - 1 degrees of freedom."""
+    n = len(values)
+    m = statistics.mean(values)
+    return m, stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+
+
+def per_seed(pairs) -> dict:
+    """[(seed, difference)] -> {seed: the mean of that seed's differences}: one difference per seed."""
+    by: dict = {}
+    for seed, d in pairs:
+        by.setdefault(seed, []).append(d)
+    return {seed: statistics.mean(ds) for seed, ds in sorted(by.items())}
+
+
 def _paired_verdict(claim, pairs, what, groups=None, by="") -> dict:
-    """pairs: [(seed, difference)]; groups: a (sort key, label) per pair (e.g. its horizon). With
-    more than one group, the same rule is applied to each group too and the result lists them after
-    the pooled verdict ("parts"): a pooled mean can hide two groups that go opposite ways."""
+    """pairs: [(seed, difference)]; groups: a (sort key, label) per pair, from the claim's declared grouping
+    (DECLARED_GROUPS). With more than one group, the same rule is applied to each group too and the result
+    lists them after the pooled verdict ("parts"): a pooled mean can hide two groups that go opposite ways."""
+    assert DECLARED_GROUPS.get(claim, by) == by, (claim, by)
     out = _pooled_verdict(claim, pairs, what)
     if groups and len(set(groups)) > 1:
         out["parts"] = []
         for g in sorted(set(groups)):
             sub = _pooled_verdict(claim, [p for p, gg in zip(pairs, groups) if gg == g], what)
-            out["parts"].append({"group": g[1], **{k: sub[k] for k in ("verdict", "mean", "se", "n") if k in sub}})
+            out["parts"].append({"group": g[1], **{k: sub[k] for k in ("verdict", "mean", "half", "n") if k in sub}})
         out["why"] += f"; by {by}: " + ", ".join(
-            f"{p['group']}: {p['mean']:+.1f} ± {2 * p['se']:.1f} ({p['n']} pairs, {p['verdict']})" if "mean" in p
+            f"{p['group']}: {p['mean']:+.1f} ± {p['half']:.1f} ({p['n']} seeds, {p['verdict']})" if "mean" in p
             else f"{p['group']}: too few seeds" for p in out["parts"])
     return out
 
 
 def _pooled_verdict(claim, pairs, what) -> dict:
-    diffs = [d for _, d in pairs]
-    if len({s for s, _ in pairs}) < 2:
+    seeds = per_seed(pairs)
+    if len(seeds) < 2:
         return {"claim": claim, "verdict": "inconclusive",
-                "why": f"{len(diffs)} usable pair(s) ({what}) from {len({s for s, _ in pairs})} seed(s); at least 2 "
+                "why": f"{len(pairs)} usable pair(s) ({what}) from {len(seeds)} seed(s); at least 2 "
                        "seeds of non-degenerate models are needed"}
-    m = statistics.mean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    verdict = "supported" if m - 2 * se > 0 else ("refuted" if m + 2 * se < 0 else "inconclusive")
-    return {"claim": claim, "verdict": verdict, "mean": m, "se": se, "n": len(diffs),
-            "why": f"{what}: {m:+.1f} ± {2 * se:.1f} points (mean ± 2 SE of the robustness score, {len(diffs)} "
-                   f"seed-paired differences)"}
+    m, half = t_interval(list(seeds.values()))
+    verdict = "supported" if m - half > 0 else ("refuted" if m + half < 0 else "inconclusive")
+    return {"claim": claim, "verdict": verdict, "mean": m, "half": half, "n": len(seeds),
+            "why": f"{what}: {m:+.1f} ± {half:.1f} points ({100 * CONFIDENCE:g}% t-interval of the robustness "
+                   f"score's difference, {len(seeds) - 1} degrees of freedom: {len(seeds)} seeds, "
+                   f"{len(pairs)} pairs averaged within each seed)"}
 
 
 def verdicts(models: dict, flags: dict) -> list[dict]:
@@ -201,23 +230,32 @@ def verdicts(models: dict, flags: dict) -> list[dict]:
     gaps = [m.paper(e)[0] - m.strongest(e)[0] for m in nodes for e in m.eps if m.paper(e) and m.strongest(e)]
     gap = (f"; the paper's attacks overstate NODE robustness by {statistics.mean(gaps):.1f} points on average "
            f"(at most {max(gaps):.1f})" if gaps else "")
-    if masked or tol_moves:
-        ex = (masked + tol_moves)
-        out.append({"claim": "the robustness is not gradient masking", "verdict": "refuted",
+    claim = "no obfuscated gradients"
+    if masked:
+        out.append({"claim": claim, "verdict": "refuted",
                     "why": f"{len(masked)} of {compared} (model, ε) cases where an attack without the model's own "
-                           f"gradient beats every white-box one by > {MASKING_MARGIN:g} points, "
-                           f"{len(tol_moves)} of {tol_compared} (model, ε) cases where the test-time solver tolerance "
-                           f"moves robust accuracy by > {TOLERANCE_MARGIN:g} points; e.g. {'; '.join(ex[:3])}{gap}"})
+                           f"gradient beats every white-box one by > {MASKING_MARGIN:g} points; e.g. "
+                           f"{'; '.join(masked[:3])}{gap}"})
     elif compared:
-        out.append({"claim": "the robustness is not gradient masking", "verdict": "supported",
+        out.append({"claim": claim, "verdict": "supported",
                     "why": f"in all {compared} (model, ε) cases the best white-box gradient attack is within "
-                           f"{MASKING_MARGIN:g} points of, or stronger than, Square/transfer/rk4-gradient attacks"
-                           + (f", and in all {tol_compared} (model, ε) cases with a test-time tolerance sweep the "
-                              f"tolerance moves robust accuracy by ≤ {TOLERANCE_MARGIN:g} points" if tol_compared
-                              else "; no test-time tolerance was compared") + gap})
+                           f"{MASKING_MARGIN:g} points of, or stronger than, the attacks without the model's own "
+                           f"gradient (Square, transfer, rk4 or rtol-1e-5 gradients){gap}"})
     else:
-        out.append({"claim": "the robustness is not gradient masking", "verdict": "inconclusive",
+        out.append({"claim": claim, "verdict": "inconclusive",
                     "why": "no non-degenerate NODE was attacked both white-box and without its own gradient"})
+    claim = "robust accuracy depends on the solver tolerance"
+    if tol_moves:
+        out.append({"claim": claim, "verdict": "supported",
+                    "why": f"{len(tol_moves)} of {tol_compared} (model, ε) cases where the test-time solver "
+                           f"tolerance moves robust accuracy by > {TOLERANCE_MARGIN:g} points; e.g. "
+                           f"{'; '.join(tol_moves[:3])}"})
+    elif tol_compared:
+        out.append({"claim": claim, "verdict": "refuted",
+                    "why": f"in all {tol_compared} (model, ε) cases with a test-time tolerance sweep the tolerance "
+                           f"moves robust accuracy by ≤ {TOLERANCE_MARGIN:g} points"})
+    else:
+        out.append({"claim": claim, "verdict": "inconclusive", "why": "no test-time tolerance was compared"})
     return out
 
 

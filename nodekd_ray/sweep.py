@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from .attacks import ATTACKS, AUDIT_ATTACKS, COMPUTATIONS, NODE_ONLY, TRANSFER, AuditConfig, attack_sweep
+from .attacks import (ATTACKS, AUDIT_ATTACKS, COMPUTATIONS, CROSS_TOLERANCE, NODE_ONLY, TRANSFER, AuditConfig,
+                      attack_sweep)
 from .data import DATASETS, ImageSet
 from .devices import describe_device, placement_device
 from .errors import ConfigError, check_choice, check_range
@@ -757,6 +758,8 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
     audit = settings.audit_config()
     if job.attack == "pgd-rk4":
         source_name = f"rk4 x {audit.rk4_steps}"
+    elif job.attack in CROSS_TOLERANCE:
+        source_name = f"rtol {CROSS_TOLERANCE[job.attack]:g}"
     test = test.take(settings.attack_images)
     # PGD's random start is seeded by the chunk's first eps, so a rerun of a chunk repeats it exactly
     res = attack_sweep(model, test.images, test.labels, attack=job.attack, eps_list=[e / 255 for e in job.eps_255],

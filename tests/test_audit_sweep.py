@@ -39,12 +39,13 @@ def test_audit_sweep_end_to_end(tmp_path):
     assert by[(kd, "transfer-teacher", 8.0)]["source"] == teacher
     assert by[(kd, "transfer-node", 8.0)]["source"] == node
     assert by[(kd, "pgd-rk4", 8.0)]["source"] == f"rk4 x {S.SMOKE['audit']['rk4_steps']}"
+    assert by[(kd, "transfer-tol-1e-5", 8.0)]["source"] == "rtol 1e-05" and by[(kd, "transfer-tol-1e-5", 8.0)]["rtol"] == 1e-3
     assert by[(kd, "pgd-restarts", 8.0)]["restarts"] == S.SMOKE["audit"]["restarts"]
     assert by[(kd, "pgd-long", 8.0)]["steps"] == S.SMOKE["audit"]["long_steps"]
     assert by[(kd, "pgd", 8.0)]["steps"] == 10 and by[(kd, "pgd", 8.0)]["alpha_255"] == 1.0
     # the report: audit.md with its three verdicts, also printed at the end of the run
     text = open(os.path.join(store, "report", "audit.md")).read()
-    for claim in ("KD improves robustness", "a longer horizon improves robustness",
-                  "the robustness is not gradient masking"):
+    for claim in ("KD improves robustness", "a longer horizon improves robustness", "no obfuscated gradients",
+                  "robust accuracy depends on the solver tolerance"):
         assert f"**{claim}: " in text and claim in r.stdout
     assert "audit verdicts" in r.stdout
