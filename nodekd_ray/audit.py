@@ -76,6 +76,28 @@ def label(a: dict, seed: bool = False) -> str:
     return f"{s} s{a['seed']}" if seed else s
 
 
+# how a row was computed (sweep.ATTACK_SCHEMA); rows written before 2026-12-05 hold nulls there
+COMPUTATION_COLUMNS = ("computation", "precision", "step_control", "solver_impl", "norm_impl", "cuda_graphs", "device")
+
+
+def computation_key(a: dict) -> str:
+    """One readable line for how an attack row was computed, e.g. 'reference: fp32, torchdiffeq/plain, cpu'."""
+    if a.get("computation") is None:
+        return f"unrecorded (written before 2026-12-05: as trained), {a.get('device') or '?'}"
+    solve = f", {a['solver_impl']}/{a['step_control']}" if a.get("solver_impl") else ""
+    extra = (", triton norms" if a.get("norm_impl") == "triton" else "") + (", CUDA graphs" if a.get("cuda_graphs") else "")
+    return f"{a['computation']}: {a['precision']}{solve}{extra}, {a.get('device') or '?'}"
+
+
+def mixed_cells(rows) -> dict:
+    """(data set, attack, model without its seed, eps) -> the computations of its rows, for every such table
+    cell whose rows were computed differently (seeds on other hardware or settings, or old and new files)."""
+    cells: dict = {}
+    for a in rows:
+        cells.setdefault((a["dataset"], a["attack"], label(a), a["eps_255"]), set()).add(computation_key(a))
+    return {k: sorted(v) for k, v in cells.items() if len(v) > 1}
+
+
 def _clean_rows(rows):
     """The clean measurement of a model: its eps = 0 rows at the model's own tolerance."""
     return [a for a in rows if a["attack"] not in TOLERANCE_ATTACKS]

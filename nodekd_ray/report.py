@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import statistics
 
-from .audit import audit_markdown, model_flags, verdict_lines
+from .audit import audit_markdown, computation_key, mixed_cells, model_flags, verdict_lines
 from .audit import label as _label
 from .sweep import TEACHERS, Storage, read_attacks
 
@@ -120,6 +120,9 @@ def attacks_table(attacks) -> str:
              "A model marked *degenerate* (near-chance clean accuracy, or one class for most images) has its "
              "numbers in parentheses: they are not robustness.\n"]
     flags = model_flags(attacks)
+    mixed = mixed_cells(attacks)
+    computations = sorted({computation_key(a) for a in attacks})
+    parts.append("\nComputed on: " + "; ".join(computations) + ".\n")
     for ds in sorted({a["dataset"] for a in attacks}):
         for attack in sorted({a["attack"] for a in attacks if a["dataset"] == ds}):
             rows_in = [a for a in attacks if a["dataset"] == ds and a["attack"] == attack]
@@ -129,13 +132,18 @@ def attacks_table(attacks) -> str:
             for m in models:
                 sel = [a for a in rows_in if _label(a) == m]
                 bad = sorted({flags[a["model_key"]] for a in sel if flags.get(a["model_key"])})
-                cells = [_cell([a["robust_accuracy"] for a in sel if a["eps_255"] == e]) for e in eps]
+                cells = [_cell([a["robust_accuracy"] for a in sel if a["eps_255"] == e])
+                         + (" †" if (ds, attack, m, e) in mixed else "") for e in eps]
                 if bad:
                     cells = [f"({c})" for c in cells]
                 nfe = statistics.mean(a["nfe_per_image"] for a in sel)
                 rows.append([m + (f" *degenerate: {'; '.join(bad)}*" if bad else "")] + cells + [f"{nfe:.0f}"])
             parts.append(f"\n{_DS.get(ds, ds)}, {attack.upper()}\n\n"
                          + _md(["model"] + [f"{e:g}" for e in eps] + ["NFE/img"], rows))
+    if mixed:
+        parts.append(f"\n† {len(mixed)} cell(s) average rows computed differently:\n\n" + "".join(
+            f"- {_DS.get(ds, ds)} {attack} {m} ε={e:g}: {' | '.join(how)}\n"
+            for (ds, attack, m, e), how in sorted(mixed.items())))
     return "".join(parts)
 
 

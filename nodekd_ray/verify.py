@@ -31,6 +31,7 @@ class VerifyReport:
     missing: list = field(default_factory=list)
     damaged: list = field(default_factory=list)
     unfinished: list = field(default_factory=list)   # records of failed / interrupted / running jobs
+    mixed: list = field(default_factory=list)        # table cells whose rows were computed differently
     lock: str | None = None
 
     def add(self, what: str) -> None:
@@ -44,6 +45,7 @@ class VerifyReport:
         out.append(f"complete: {done}")
         out.append(f"missing: {len(self.missing)}, damaged: {len(self.damaged)}, unfinished: {len(self.unfinished)}")
         out += [f"DAMAGED {d}" for d in self.damaged]
+        out += [f"MIXED {m}" for m in self.mixed]
         if not quiet:
             out += [f"missing {m}" for m in self.missing]
             out += [f"unfinished {u}" for u in self.unfinished]
@@ -132,6 +134,12 @@ def verify(root: str) -> VerifyReport:
             rep.damaged.append(problem)
         else:
             rep.add("attack files")
+    from .audit import mixed_cells
+    from .sweep import read_attacks
+
+    for (ds, attack, model, e), how in sorted(mixed_cells(read_attacks(st).to_pylist()).items()):
+        rep.mixed.append(f"{ds} {attack} {model} eps {e:g}/255: its seeds' rows were computed differently "
+                         f"({' | '.join(how)}); `nodekd report` marks the cell")
     return rep
 
 

@@ -332,3 +332,40 @@ def test_rows_state_their_computation_and_old_files_without_it_still_read_and_re
     assert nodekd(["verify", "-q", old]) == 0
     out = write_report(old)
     assert out and all(os.path.exists(p) for p in out.values()), out
+
+
+def test_verify_and_the_report_say_when_one_cell_holds_rows_computed_differently(finished, tmp_path):
+    """A second seed of the no-KD NODE attacked as trained (bf16) beside the first attacked on the reference:
+    `nodekd verify` prints a MIXED line per cell, the report marks those cells and lists both computations."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nodekd_ray.report import write_report
+
+    root, _ = finished
+    mixed = str(tmp_path / "mixed")
+    shutil.copytree(root, mixed)
+    st = S.Storage(mixed)
+    seed1 = S.StudentJob("synthetic", 1.0, 1)
+    rec = st.read_record(NODE.key)
+    rec.update(key=seed1.key, seed=1)
+    st.write_record(seed1.key, rec)
+    shutil.copy(st.model(NODE.key), st.model(seed1.key))
+    job = S.AttackJob(seed1.key, "synthetic", "pgd", (0.0, 8.0))
+    table = pq.read_table(st.attack_file(ATTACKS[1])).to_pylist()
+    for r in table:
+        r.update(model_key=seed1.key, seed=1, chunk=job.key, computation="as-trained", precision="bf16",
+                 solver_impl="nodekd")
+    os.makedirs(os.path.dirname(st.attack_file(job)), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(table, schema=S.ATTACK_FILE_SCHEMA), st.attack_file(job))
+    r = subprocess.run([sys.executable, "-m", "nodekd_ray.cli", "verify", mixed], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("MIXED")]
+    assert len(lines) == 2 and all("synthetic pgd NODE(1) eps" in x for x in lines), r.stdout
+    assert "as-trained: bf16, nodekd/plain, cpu | reference: fp32, torchdiffeq/plain, cpu" in lines[0]
+    text = open(write_report(mixed)["Attacks"]).read()
+    assert "† 2 cell(s) average rows computed differently" in text and " †" in text
+    assert "Computed on: as-trained: bf16, nodekd/plain, cpu; reference: fp32, cpu; reference: fp32, " \
+           "torchdiffeq/plain, cpu." in text   # the ResNet's rows have no solver
+    # the unmixed folder: no mark, no MIXED line
+    assert "†" not in open(write_report(root)["Attacks"]).read()
