@@ -348,3 +348,28 @@ def test_a_ctrl_c_swallowed_inside_ray_still_stops_the_sweep(tmp_path, monkeypat
             assert not (store / "lock.json").exists() and signal.getsignal(signal.SIGINT) is start
         finally:
             signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.slow
+def test_resume_after_a_stop_before_tune_saved_its_experiment_state(tmp_path):
+    """A driver stopped a moment after a stage's Tune experiment began (a `ray job stop`, as the Jobs API
+    test met it in a fresh clone) leaves tuner.pkl without the experiment's or the grid's saved state.
+    Tune's restore then rebuilt the grid from an empty param space and failed the resumed run with
+    KeyError: 'job'. The resume now runs those trials in a new experiment."""
+    store = tmp_path / "store"
+    r = sweep("figure1.py", store, *EPOCH1, "--temperatures", "10", "--attacks", "pgd")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    st = S.Storage(str(store))
+    kd = "kd-digits-t1-resnet20-T10-lam0.9-s0"
+    os.remove(st.record(kd))                       # the student the stopped run had not finished
+    os.remove(st.model(kd))
+    exp = os.path.join(str(store), "tune", "figure1-students")
+    for name in os.listdir(exp):                   # what a stop as the experiment began leaves: tuner.pkl
+        if name.startswith(("experiment_state-", "basic-variant-state-")):
+            os.remove(os.path.join(exp, name))
+    assert os.path.exists(os.path.join(exp, "tuner.pkl"))
+    r = sweep("figure1.py", store, *EPOCH1, "--temperatures", "10", "--attacks", "pgd", "--resume")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "figure1-students: the Tune experiment in" in out and "saved no state" in out
+    assert st.read_record(kd)["status"] == "done" and os.path.isdir(exp + "-2")

@@ -617,7 +617,11 @@ def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> Non
     existing = _experiments(storage, name)
     errored: set[str] = set()
     fs = _tune_filesystem(storage)
-    if todo and resume and existing and tune.Tuner.can_restore(existing[-1], storage_filesystem=fs):
+    if todo and resume and existing and not _restorable(storage, existing[-1]):
+        log(f"{name}: the Tune experiment in {storage.url(existing[-1])} saved no state (stopped as it began); "
+            "its unfinished trials start in a new experiment")
+    if todo and resume and existing and _restorable(storage, existing[-1]) \
+            and tune.Tuner.can_restore(existing[-1], storage_filesystem=fs):
         log(f"{name}: resuming the Tune experiment in {storage.url(existing[-1])}")
         try:
             tuner = tune.Tuner.restore(existing[-1], trainable=trainable, resume_unfinished=True,
@@ -649,6 +653,16 @@ def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> Non
             verbose=1),
     )
     _fit(tuner, name, todo, storage, log)
+
+
+def _restorable(storage: Storage, experiment: str) -> bool:
+    """Whether Tune saved the experiment's state and its grid's variant state. A driver stopped as the
+    experiment began (a `ray job stop` a moment after the stage started) leaves tuner.pkl alone: Tune's
+    restore then rebuilds the grid from an empty param space (it does not keep the space in tuner.pkl)
+    and makes a trial with no job in its config. There is no checkpoint to lose: a new experiment runs."""
+    names = {p.replace("\\", "/").rsplit("/", 1)[-1] for p in storage.files(experiment)}
+    return any(n.startswith("experiment_state-") for n in names) and \
+        any(n.startswith("basic-variant-state-") for n in names)
 
 
 def _tune_filesystem(storage: Storage):
