@@ -4,9 +4,9 @@
 # of the 2026-11-24 runs), each step under its own time limit, so that one that hangs (a Triton compile,
 # say) cannot eat the lease: 560 s of limits in all. In order of what the next decision needs:
 #   1. check_gpu.py: every option against an fp64 copy on the GPU, --solver-impl nodekd, --recompute,
-#      --bf16-norms, --norm-impl triton and --step-control noise-aware included (are they correct under
+#      --norm-impl triton and --step-control noise-aware included (are they correct under
 #      cuDNN, CUDA's autocast and compiled Triton?). Speed figures of an option that fails here do not count;
-#   2. bench_student.py: images/s of tf32 and bf16 with each dopri5, with bf16 norms, with recompute, with
+#   2. bench_student.py: images/s of tf32 and bf16 with each dopri5, with recompute, with
 #      the Triton norms and with noise-aware step control, against the fp32 baseline, and MFU in f; peak
 #      memory per backward variant at t1 = 1, 100 and 500. Its --out file is a costs file (--dry-run --costs);
 #   3. bench_step_control.py: NFE, errors against fp64 and seconds per training step of tf32 and bf16 with
@@ -56,7 +56,7 @@ step() {   # step NAME LIMIT_S CMD...: one measurement into $out/NAME.txt; a fai
 }
 step check_gpu 150 $py benchmarks/check_gpu.py --seeds 2 "${smoke[@]}"
 step bench_student 200 $py benchmarks/bench_student.py "${smoke[@]}" --options fp32-concat tf32 tf32+nodekd bf16 bf16+nodekd \
-    bf16+norms+nodekd tf32+nodekd+recompute tf32+triton bf16+triton bf16+triton+nodekd tf32+nodekd+noise \
+    tf32+nodekd+recompute tf32+triton bf16+triton bf16+triton+nodekd tf32+nodekd+noise \
     bf16+nodekd+noise bf16+triton+nodekd+noise --memory "${horizons[@]}" --out "$out/rates.json"
 step bench_step_control 90 $py benchmarks/bench_step_control.py "${smoke[@]}" --seeds 2
 step bench_norm 60 $py benchmarks/bench_norm.py "${smoke[@]}"

@@ -81,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--precision", default="tf32", help=f"f's convolutions: {', '.join(PRECISIONS)} (the ODE state, "
                                                        "solver and loss stay fp32)")
     n.add_argument("--channels-last", action="store_true", help="NHWC memory format for the ODE state and f")
-    n.add_argument("--compile", action="store_true", help="torch.compile f's layers")
     n.add_argument("--cuda-graphs", action="store_true", help="replay a training solve's evaluations of f from CUDA "
                                                               "graphs (nodekd solver; GPUs only; nodekd_ray/"
                                                               "cuda_graphs.py)")
@@ -91,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "per-evaluation) or per-evaluation (the parameters)")
     n.add_argument("--recompute", action="store_true", help="recompute f's GroupNorm + ReLU in the backward: "
                                                             "about half the activation memory per NFE")
-    n.add_argument("--bf16-norms", action="store_true", help="with --precision bf16: f's GroupNorm and ReLU in bf16 "
-                                                             "too (CUDA's autocast runs GroupNorm in fp32)")
     n.add_argument("--norm-impl", default="torch", help="f's GroupNorm + ReLU: torch, or triton (nodekd_ray/"
                                                         "fused_norm.py: one kernel each way; CUDA only)")
     n.add_argument("--solver-impl", default="auto", help="dopri5's implementation: auto (default: nodekd where it "
@@ -212,8 +209,7 @@ def cmd_train_student(args) -> None:
                       solver=args.solver, rtol=args.rtol, atol=args.atol, max_num_steps=args.max_num_steps,
                       step_size=args.step_size, adjoint=args.adjoint, time_input=args.time_input,
                       time_conv=args.time_conv, precision=args.precision, channels_last=args.channels_last,
-                      compile=args.compile, solver_impl=args.solver_impl,
-                      recompute=args.recompute, bf16_norms=args.bf16_norms,
+                      solver_impl=args.solver_impl, recompute=args.recompute,
                       norm_impl=args.norm_impl, step_control=args.step_control, cuda_graphs=args.cuda_graphs,
                       graph_inputs=args.graph_inputs)
     cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,

@@ -13,8 +13,8 @@ given them (``bias``, ``time``; ODEFunc's aligned time conv, whose conv then run
 computes the group's mean and variance in fp32 (two passes
 over the registers, not E[x^2] - E[x]^2), applies gamma and beta in fp32 and the ReLU, and writes
 the output once, in the dtype the next conv runs in: the autocast dtype under autocast, else x's.
-So there is no cast kernel around the norm, no multiply and add for the time term, and unlike
-``bf16_norms`` the statistics and the affine stay fp32. The backward recomputes x + t * response,
+So there is no cast kernel around the norm, no multiply and add for the time term, and the
+statistics and the affine stay fp32. The backward recomputes x + t * response,
 the normalised values and the ReLU's mask from x and the saved per-group mean and 1/std (2 floats
 per group), so nothing else is kept: autograd would keep GroupNorm's input and the ReLU's output.
 The parameters' gradients are summed per sample in the kernel; within a solve they are also summed

@@ -288,21 +288,15 @@ class ODEFunc(nn.Module):
     """
 
     def __init__(self, width: int, layers: int = 4, time_input: str = "raw", t1: float = 1.0,
-                 time_conv: str = "aligned", precision: str = "tf32", compile: bool = False,
-                 recompute: bool = False, bf16_norms: bool = False, norm_impl: str = "torch"):
+                 time_conv: str = "aligned", precision: str = "tf32",
+                 recompute: bool = False, norm_impl: str = "torch"):
         super().__init__()
         self.time_input, self.t1, self.time_conv, self.precision = time_input, t1, time_conv, precision
         self.recompute = recompute
-        # compile: f's GroupNorm + ReLU pairs through torch.compile, meant to fuse each pair into a
-        # reduction and a pointwise kernel: PyTorch's own GroupNorm kernels took about a quarter of
-        # a training step's GPU time on an H100. The convs stay cuDNN's; the solve's weight cache
-        # stays outside. Measured on an H100 (README, "Measured on one H100"), it is slower, as was
-        # compiling whole layers: the step is bound by launches, and each compiled call adds host
-        # time (tf32 899 against 1201 training images/s without it, bf16 726 against 1019).
-        self._gn_relu = _gn_relu_low if bf16_norms else _gn_relu     # bf16_norms: not with compile (validate)
-        if compile:
-            self._gn_relu = torch.compile(_gn_relu, dynamic=False)
-        self._triton = norm_impl == "triton"   # nodekd_ray/fused_norm.py; not with compile or bf16_norms (validate)
+        # torch.compile of f's GroupNorm + ReLU pairs and bf16 norms ("compile", "bf16_norms") were removed on
+        # 2026-12-05: both measured slower than their baselines (benchmarks/README.md).
+        self._gn_relu = _gn_relu
+        self._triton = norm_impl == "triton"   # nodekd_ray/fused_norm.py
         if self._triton:
             self._gn_relu = self._fused.gn_relu
         extra = 0 if time_input == "none" else 1
@@ -504,19 +498,6 @@ def _gn_relu(h, groups: int, gamma, beta, eps: float):
     return F.relu(F.group_norm(h, groups, gamma, beta, eps))
 
 
-def _gn_relu_low(h, groups: int, gamma, beta, eps: float):
-    """GroupNorm + ReLU in the autocast dtype (bf16_norms). CUDA's autocast runs group_norm in
-    float32 (PyTorch's autocast op reference): around every layer of f it casts the bf16 conv output
-    up for the norm and the ReLU's output down for the next conv, and the norm and ReLU move fp32
-    tensors. Here the norm reads and writes bf16 (PyTorch's GroupNorm kernels accumulate its
-    statistics in float32) with gamma and beta cast to bf16, as timm's fast_group_norm does; the
-    conv would round the ReLU's output to bf16 anyway. CPU autocast already runs group_norm on bf16
-    input, so on a CPU this differs only by the bf16 gamma and beta."""
-    dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    with torch.autocast(h.device.type, enabled=False):
-        return F.relu(F.group_norm(h.to(dt), groups, gamma.to(dt), beta.to(dt), eps))
-
-
 def _layer(h, gn, w, bias, tt, tv, response, gn_relu=_gn_relu):
     """One layer of f: conv3x3(relu(groupnorm(h))), the time channel concatenated (tt) or added as
     t times the conv's response to it (tv, response; see ODEFunc._aligned_weights)."""
@@ -596,12 +577,9 @@ class NODEConfig:
     precision: str = "tf32"       # convolutions of f: "fp32" (IEEE), "tf32" (PyTorch's default for cuDNN
                                   # convs on GPUs) or "bf16" (autocast); state, solver and loss stay fp32
     channels_last: bool = False   # NHWC memory format for the ODE state and f's convolutions
-    compile: bool = False         # torch.compile f's layers
     recompute: bool = False       # f's backward recomputes each GroupNorm + ReLU instead of keeping its output:
                                   # 5 states kept per evaluation instead of 9, for one more GroupNorm pass per
-                                  # layer in the backward (time_conv "aligned" only; not with compile)
-    bf16_norms: bool = False      # precision bf16 only: f's GroupNorms and ReLUs in bf16 too, not in fp32 as CUDA's
-                                  # autocast runs them (no casts around each layer; see _gn_relu_low)
+                                  # layer in the backward (time_conv "aligned" only)
     norm_impl: str = "torch"      # f's GroupNorm (+ ReLU): "torch" (PyTorch's ops) or "triton" (nodekd_ray/
                                   # fused_norm.py: one kernel each way, fp32 statistics, output written in the
                                   # next conv's dtype; CUDA only). The default stays torch's: on an H200 the
@@ -650,18 +628,11 @@ class NODEConfig:
         check_choice("time_conv", self.time_conv, ("aligned", "concat"))
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("solver_impl", self.solver_impl, SOLVER_IMPLS)
-        if self.recompute and (self.compile or (self.time_conv == "concat" and self.time_input != "none")):
-            raise ConfigError("recompute", "needs time_conv 'aligned' and no compile, got "
-                                           f"time_conv {self.time_conv!r}{' with compile' if self.compile else ''}")
-        if self.bf16_norms and (self.precision != "bf16" or self.compile):
-            raise ConfigError("bf16_norms", f"needs precision 'bf16' and no compile, got {self.precision!r}"
-                                            f"{' with compile' if self.compile else ''}")
+        if self.recompute and self.time_conv == "concat" and self.time_input != "none":
+            raise ConfigError("recompute", f"needs time_conv 'aligned', got time_conv {self.time_conv!r}")
         check_choice("norm_impl", self.norm_impl, NORM_IMPLS)
         if self.norm_impl == "triton":
             from . import fused_norm
-            if self.compile or self.bf16_norms:
-                raise ConfigError("norm_impl", "'triton' replaces compile's and bf16_norms' GroupNorm; use one of them, "
-                                               f"got {'compile' if self.compile else 'bf16_norms'} too")
             if not fused_norm.available():
                 raise ConfigError("norm_impl", "'triton' needs the triton package (installed with CUDA builds of torch)")
         check_choice("step_control", self.step_control, STEP_CONTROLS)
@@ -671,10 +642,9 @@ class NODEConfig:
         if self.solver_impl == "nodekd" and (self.solver != "dopri5" or self.adjoint):
             raise ConfigError("solver_impl", "'nodekd' implements dopri5 with plain backpropagation only, got "
                                              f"solver {self.solver!r}{' with the adjoint method' if self.adjoint else ''}")
-        if self.cuda_graphs and (self.solver_impl_used() != "nodekd" or self.compile):
-            raise ConfigError("cuda_graphs", "needs the nodekd solver (dopri5 with plain backpropagation) and no compile, "
-                                             f"got solver_impl {self.solver_impl_used()!r}"
-                                             f"{' with compile' if self.compile else ''}")
+        if self.cuda_graphs and self.solver_impl_used() != "nodekd":
+            raise ConfigError("cuda_graphs", "needs the nodekd solver (dopri5 with plain backpropagation), "
+                                             f"got solver_impl {self.solver_impl_used()!r}")
         check_choice("graph_inputs", self.graph_inputs, GRAPH_INPUTS)
         for field in ("t1", "rtol", "atol"):
             v = getattr(self, field)
@@ -701,8 +671,8 @@ class NeuralODE(nn.Module):
             nn.Conv2d(s, 2 * s, 4, 2, 1), _gn(2 * s), nn.ReLU(inplace=True),
             nn.Conv2d(2 * s, w, 4, 2, 1),
         )
-        self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1, cfg.time_conv, cfg.precision, cfg.compile,
-                            cfg.recompute, cfg.bf16_norms, cfg.norm_impl)
+        self.func = ODEFunc(w, cfg.layers, cfg.time_input, cfg.t1, cfg.time_conv, cfg.precision,
+                            cfg.recompute, cfg.norm_impl)
         self.head_norm = _gn(w)
         self.fc = nn.Linear(w, num_classes)
         self.register_buffer("t_span", torch.tensor([0.0, float(cfg.t1)]), persistent=False)
@@ -774,7 +744,7 @@ class NeuralODE(nn.Module):
 # user asks to evaluate as trained: the paper's fp32 dopri5 through torchdiffeq with its plain step control,
 # IEEE fp32 convolutions, PyTorch's norms, no graphs. The speed settings are for training.
 REFERENCE_COMPUTATION = dict(precision="fp32", solver_impl="torchdiffeq", step_control="plain", norm_impl="torch",
-                             cuda_graphs=False, compile=False, recompute=False, bf16_norms=False, channels_last=False)
+                             cuda_graphs=False, recompute=False, channels_last=False)
 
 
 def as_reference(model: nn.Module) -> nn.Module:
@@ -821,11 +791,21 @@ def reference_arithmetic():
 # ----------------------------------------------------------------------------- registry
 
 
+# Fields of NODEConfig removed since checkpoints were first written: dropped when an older checkpoint is loaded.
+# compile and bf16_norms went on 2026-12-05 (both measured slower than their baselines); they changed how f ran,
+# never its weights, and both defaulted to off.
+REMOVED_NODE_FIELDS = ("compile", "bf16_norms")
+
+
+def _known_node_fields(node: dict) -> dict:
+    return {k: v for k, v in node.items() if k not in REMOVED_NODE_FIELDS}
+
+
 def build_model(arch: str, *, num_classes: int = 10, mean=(0.5,) * 3, std=(0.25,) * 3, node: dict | None = None) -> nn.Module:
     """Name -> model. ``node`` holds NODEConfig fields for arch == "node"."""
     check_choice("model", arch, ARCHS)
     if arch == "node":
-        return NeuralODE(NODEConfig(**(node or {})), num_classes, mean, std)
+        return NeuralODE(NODEConfig(**_known_node_fields(node or {})), num_classes, mean, std)
     return CifarResNet(RESNET_DEPTHS[arch], num_classes, mean, std)
 
 

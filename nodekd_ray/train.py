@@ -307,7 +307,7 @@ def out_of_memory(name: str, cfg: RecipeConfig, device, error: Exception) -> Con
     if node is not None and not node.adjoint:
         hints.insert(0, "the adjoint method (adjoint: memory of one function evaluation, not of every one)")
         if not (node.recompute and node.solver_impl_used() == "nodekd") and node.solver == "dopri5" \
-                and not node.compile and (node.time_conv == "aligned" or node.time_input == "none"):
+                and (node.time_conv == "aligned" or node.time_input == "none"):
             hints.insert(0, "recompute and solver_impl nodekd (about half the memory per function evaluation)")
     if node is not None and node.precision != "bf16":
         hints.append("precision bf16")

@@ -32,7 +32,6 @@ def bad_cases(tmp, teacher):
         (["train-student", "--no-kd", "--dataset", "synthetic", "--solver", "rk4", "--solver-impl", "nodekd"],
          "solver_impl"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--recompute", "--time-conv", "concat"], "recompute"),
-        (["train-student", "--no-kd", "--dataset", "synthetic", "--bf16-norms"], "bf16_norms"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--graph-inputs", "some"], "graph_inputs"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--norm-impl", "cudnn"], "norm_impl"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--precision", "bf16", "--step-control", "noise-aware",

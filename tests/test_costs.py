@@ -132,7 +132,7 @@ def test_check_gpu_passes_the_real_model_and_fails_a_broken_time_response(monkey
         lambda w, r: (w, 0 * r))(*real(self, i, conv, h, **kw)))
     ok = {r[1]: r[-1] for r in check_gpu.check(args, torch.device("cpu"), 0)}
     assert ok == {"fp32-concat": True, "fp32": False, "tf32": False, "bf16": False, "bf16+cl": False,
-                  "tf32+nodekd": False, "tf32+recompute": False, "bf16+recompute": False, "bf16+norms": False,
+                  "tf32+nodekd": False, "tf32+recompute": False, "bf16+recompute": False,
                   "tf32+triton": False, "bf16+triton": False, "bf16+triton+cl": False, "bf16+triton+nodekd": False,
                   "tf32+triton+recompute": False, "tf32+nodekd+noise": False, "bf16+nodekd+noise": False,
                   "bf16+triton+nodekd+noise": False}   # noise-aware: its fp32 reference is the concatenation form, f is not

@@ -144,8 +144,7 @@ def test_on_a_cpu_the_real_option_runs_f_eagerly():
     assert torch.equal(a(x), b(x)) and b._graphs.slots == []
 
 
-@pytest.mark.parametrize("kw", [dict(adjoint=True), dict(solver="rk4"), dict(solver_impl="torchdiffeq"),
-                                dict(compile=True)])
+@pytest.mark.parametrize("kw", [dict(adjoint=True), dict(solver="rk4"), dict(solver_impl="torchdiffeq")])
 def test_cuda_graphs_needs_the_nodekd_solver(kw):
     with pytest.raises(ConfigError, match="cuda_graphs: needs the nodekd solver"):
         NODEConfig(cuda_graphs=True, **kw).validate()

@@ -58,9 +58,6 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     ap.add_argument("--cuda-graphs", action="store_true", default=None,
                     help="students replay a training solve's evaluations of f from CUDA graphs (nodekd solver; GPUs "
                          "only; nodekd_ray/cuda_graphs.py)")
-    ap.add_argument("--bf16-norms", action="store_true", default=None,
-                    help="with --precision bf16: students' GroupNorm and ReLU in bf16 too (CUDA's autocast runs "
-                         "GroupNorm in fp32, with a cast on each side)")
     ap.add_argument("--norm-impl", default=None, choices=("torch", "triton"),
                     help="students' GroupNorm + ReLU: PyTorch's ops (default), or nodekd_ray/fused_norm.py's "
                          "Triton kernels (GPUs only: one kernel each way, no casts around it under bf16)")
@@ -129,8 +126,6 @@ def settings_from_args(args) -> Settings:
         student["width"] = args.width
     if getattr(args, "precision", None) is not None:
         student["precision"] = args.precision
-    if getattr(args, "bf16_norms", None):
-        student["bf16_norms"] = True
     if getattr(args, "recompute", None):
         student["recompute"] = True
     if getattr(args, "cuda_graphs", None):
