@@ -399,7 +399,8 @@ def student_config(job: StudentJob, settings: Settings, **extra) -> StudentConfi
     try:
         return StudentConfig(dataset=job.dataset, seed=job.seed, node=node, kd=job.kd,
                              T=job.T if job.kd else 10.0, lam=job.lam if job.kd else 0.9,
-                             logits_mode=job.logits_mode or "paper", **kw, **extra)
+                             logits_mode=job.logits_mode or "paper", eval_computation=settings.eval_computation,
+                             **kw, **extra)
     except TypeError as e:
         raise ConfigError("student", f"unknown setting: {e}") from None
 
@@ -665,7 +666,8 @@ def run_training(job, settings: Settings, storage: Storage, data, *, table=None,
     _hparams(tb.local, rec, final)
     tb.sync()
     storage.write_record(job.key, {**rec, "status": "done", "history": history, "final": final,
-                                   "test_accuracy": final["test_accuracy"], "error": None, **written})
+                                   "test_accuracy": final["test_accuracy"],
+                                   "eval_computation": cfg.eval_computation, "error": None, **written})
     return final
 
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .data import AUGMENT_DEFAULTS, DATASETS, Batches, ImageSet, channel_stats, load_dataset, num_views
 from .errors import ConfigError, check_choice, check_range
 from .kd import LOGIT_MODES, TeacherLogits, compute_logit_table, kd_loss, validate_kd
-from .models import RESNET_DEPTHS, NODEConfig, build_model, nfe_totals, save_checkpoint
+from .models import (RESNET_DEPTHS, NODEConfig, as_reference, build_model, nfe_totals, reference_arithmetic,
+                     save_checkpoint)
 
 TEACHER_EPOCHS = {"cifar10": 300, "svhn": 40, "digits": 30, "synthetic": 5}
 STUDENT_EPOCHS = {"cifar10": 200, "svhn": 40, "digits": 30, "synthetic": 5}
@@ -52,6 +53,10 @@ class RecipeConfig:
     limit_test: int | None = None      # use the first N test images
     log_dir: str | None = None         # TensorBoard event files go here when set
     synthetic_sizes: tuple = (512, 256)  # (train, test) sizes of the synthetic data set
+    eval_computation: str = "reference"  # what the test accuracy after each epoch is computed on: "reference"
+                                       # (models.as_reference: fp32 IEEE, torchdiffeq's dopri5, plain step
+                                       # control, PyTorch's norms, no graphs), whatever the model trains with,
+                                       # or "as-trained" (its training settings)
 
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else self.default_epochs()[self.dataset]
@@ -64,6 +69,7 @@ class RecipeConfig:
     def validate(self):
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("eval_computation", self.eval_computation, ("reference", "as-trained"))
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError("epochs", f"must be >= 1, got {self.epochs}")
         for name in ("batch_size", "eval_batch_size"):
@@ -92,7 +98,10 @@ class RecipeConfig:
         return torch.device(self.device)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["eval_computation"] == "reference":   # records made before evaluation had a choice keep matching
+            del d["eval_computation"]
+        return d
 
 
 @dataclass
@@ -170,8 +179,12 @@ def make_optimizer(cfg: RecipeConfig, params):
 
 
 @torch.no_grad()
-def evaluate(model, data: ImageSet, *, batch_size: int = 500, device="cpu") -> dict:
-    """Clean accuracy over fixed, in-order batches, and forward NFE per image."""
+def evaluate(model, data: ImageSet, *, batch_size: int = 500, device="cpu", computation: str = "as-trained") -> dict:
+    """Clean accuracy over fixed, in-order batches, and forward NFE per image. computation "reference" evaluates
+    a copy of ``model`` on the reference computation (models.as_reference, IEEE fp32 arithmetic)."""
+    if computation == "reference":
+        with reference_arithmetic():
+            return evaluate(as_reference(model), data, batch_size=batch_size, device=device)
     model.eval()
     correct, nfe_img = 0, 0
     for s in range(0, len(data), batch_size):
@@ -258,7 +271,7 @@ def fit(model, cfg: RecipeConfig, train: ImageSet, test: ImageSet, *, loss_fn, n
         ntr = len(train)
         if not torch.isfinite(tot_loss):  # checked once an epoch: a per-batch check syncs the GPU
             raise FloatingPointError(f"{name}: the training loss became {float(tot_loss)} in epoch {epoch + 1}")
-        ev = evaluate(model, test, batch_size=cfg.eval_batch_size, device=device)
+        ev = evaluate(model, test, batch_size=cfg.eval_batch_size, device=device, computation=cfg.eval_computation)
         metrics = {
             "epoch": epoch + 1, "loss": float(tot_loss) / ntr, "train_accuracy": int(tot_correct) / ntr,
             "test_accuracy": ev["accuracy"], "lr": lr, "nfe_forward": nfe_f / ntr, "nfe_backward": nfe_b / ntr,
@@ -349,7 +362,7 @@ def train_teacher(cfg: TeacherConfig, *, data=None, **fit_kw):
                   name=cfg.model, **fit_kw)
     ckpt = dict(arch=cfg.model, num_classes=train.num_classes, mean=mean, std=std,
                 meta={"config": _jsonable(cfg.to_dict()), "history": history,
-                      "test_accuracy": history[-1]["test_accuracy"]})
+                      "test_accuracy": history[-1]["test_accuracy"], "eval_computation": cfg.eval_computation})
     return model, history, ckpt
 
 
@@ -401,7 +414,7 @@ def train_student(cfg: StudentConfig, *, teacher=None, table=None, data=None, so
     history = fit(model, cfg, train, test, loss_fn=loss_fn, name=name, **fit_kw)
     ckpt = dict(arch="node", num_classes=train.num_classes, mean=mean, std=std, node=node,
                 meta={"config": _jsonable(cfg.to_dict()), "history": history,
-                      "test_accuracy": history[-1]["test_accuracy"],
+                      "test_accuracy": history[-1]["test_accuracy"], "eval_computation": cfg.eval_computation,
                       "teacher_forwards": soft.teacher_forwards if soft is not None else 0})
     return model, history, ckpt
 

@@ -104,3 +104,34 @@ def test_out_of_memory_is_one_line_naming_the_remedies(synthetic, monkeypatch):
     assert "\n" not in msg and msg.startswith("batch_size:")
     assert "adjoint" in msg and "smaller batch (now 32)" in msg and "Tried to allocate 20.00 GiB" in msg
     assert "recompute and solver_impl nodekd" in msg
+
+
+def test_a_students_test_accuracy_is_computed_on_the_reference_computation():
+    """A student trained with bf16 convolutions and nodekd's dopri5: its per-epoch test accuracy and NFE are
+    those of a reference copy of its weights (fp32, torchdiffeq's dopri5, plain step control) built apart;
+    eval_computation "as-trained" gives those of the model as it trains, and the checkpoint says which."""
+    from nodekd_ray.data import load_dataset
+    from nodekd_ray.models import NeuralODE
+    from nodekd_ray.train import evaluate
+
+    data = load_dataset("synthetic", synthetic_sizes=(64, 48))
+    tight = dict(width=16, stem_channels=8, rtol=1e-5, atol=1e-5)    # bf16's noise then costs dopri5 steps
+    node = NODEConfig(precision="bf16", solver_impl="nodekd", **tight)
+    out = {}
+    for comp in ("reference", "as-trained"):
+        cfg = StudentConfig(dataset="synthetic", kd=False, node=node, epochs=1, batch_size=32, device="cpu",
+                            eval_computation=comp)
+        model, hist, ckpt = train_student(cfg, data=data, **quiet)
+        assert ckpt["meta"]["eval_computation"] == comp
+        ref = NeuralODE(NODEConfig(precision="fp32", solver_impl="torchdiffeq", step_control="plain", **tight),
+                        10, ckpt["mean"], ckpt["std"])
+        ref.load_state_dict(model.state_dict())
+        out[comp] = (hist[-1], evaluate(ref, data[1], device="cpu"), evaluate(model, data[1], device="cpu"))
+    h, on_ref, as_trained = out["reference"]
+    assert (h["test_accuracy"], h["nfe_test"]) == (on_ref["accuracy"], on_ref["nfe_per_image"])
+    assert on_ref != as_trained, (on_ref, as_trained)   # the two differ, so the check above can fail
+    h, on_ref, as_trained = out["as-trained"]
+    assert (h["test_accuracy"], h["nfe_test"]) == (as_trained["accuracy"], as_trained["nfe_per_image"])
+    assert "eval_computation" not in StudentConfig().to_dict()          # older records keep matching
+    with pytest.raises(ConfigError, match="eval_computation"):
+        StudentConfig(eval_computation="fast").validate()
