@@ -165,6 +165,33 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
     return m, stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
 
 
+EQUIVALENCE_MARGIN = 2.0   # accuracy points: a computation is "equivalent" when its intervals lie within +-this
+
+
+def computation_verdict(differences: dict, margin: float = EQUIVALENCE_MARGIN) -> dict:
+    """Does a computation change the answer? differences: {metric: [one seed-paired difference per seed, in
+    accuracy points]} for clean and robust accuracy. "equivalent" when every metric's 95% t-interval lies
+    within +-margin; otherwise "changes the answer" when some metric's interval excludes 0, else
+    "inconclusive". Fewer than 2 seeds in a metric: "inconclusive"."""
+    parts = {}
+    for metric, values in differences.items():
+        values = [float(v) for v in values]
+        if len(values) < 2:
+            parts[metric] = {"n": len(values)}
+            continue
+        m, half = t_interval(values)
+        parts[metric] = {"mean": m, "half": half, "n": len(values)}
+    full = [p for p in parts.values() if "mean" in p]
+    if len(full) == len(parts) and all(-margin <= p["mean"] - p["half"] and p["mean"] + p["half"] <= margin
+                                      for p in full):
+        verdict = "equivalent"
+    elif any(p["mean"] - p["half"] > 0 or p["mean"] + p["half"] < 0 for p in full):
+        verdict = "changes the answer"
+    else:
+        verdict = "inconclusive"
+    return {"verdict": verdict, "metrics": parts}
+
+
 def per_seed(pairs) -> dict:
     """[(seed, difference)] -> {seed: the mean of that seed's differences}: one difference per seed."""
     by: dict = {}

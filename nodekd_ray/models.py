@@ -751,13 +751,20 @@ def as_reference(model: nn.Module) -> nn.Module:
     """``model`` on the reference computation: a Neural ODE trained with speed settings is rebuilt with
     REFERENCE_COMPUTATION and the same weights (f's precision and norms are fixed when it is built, so a
     changed cfg alone would not do); a model already there, or a ResNet, is returned as it is."""
+    return with_computation(model, **REFERENCE_COMPUTATION)
+
+
+def with_computation(model: nn.Module, **fields) -> nn.Module:
+    """A Neural ODE with the same weights computing with other NODEConfig settings (precision, solver_impl,
+    step_control, norm_impl, cuda_graphs, ...): rebuilt, not changed in place. ``model`` itself is returned when
+    nothing changes, and a ResNet always (it has no such settings)."""
     cfg = getattr(model, "cfg", None)
-    if cfg is None or all(getattr(cfg, k) == v for k, v in REFERENCE_COMPUTATION.items()):
+    if cfg is None or all(getattr(cfg, k) == v for k, v in fields.items()):
         return model
-    ref = NeuralODE(replace(cfg, **REFERENCE_COMPUTATION), model.fc.out_features, in_channels=model.stem[0].in_channels)
-    ref.load_state_dict(model.state_dict())
+    out = NeuralODE(replace(cfg, **fields), model.fc.out_features, in_channels=model.stem[0].in_channels)
+    out.load_state_dict(model.state_dict())
     param = next(model.parameters())
-    return ref.to(param.device).train(model.training)
+    return out.to(param.device).train(model.training)
 
 
 def computation_info(model: nn.Module, device) -> dict:

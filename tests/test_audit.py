@@ -354,3 +354,53 @@ def test_the_groups_are_declared_before_the_data():
     assert A.DECLARED_GROUPS == {"KD improves robustness": "horizon", "a longer horizon improves robustness": "student"}
     with pytest.raises(AssertionError):
         A._paired_verdict("KD improves robustness", [(0, 1.0), (1, 2.0)], "x", groups=[(0, "a"), (1, "b")], by="seed")
+
+
+def test_computation_verdicts_against_hand_computed_intervals():
+    """equivalent: every 95% t-interval within ±2 points; changes the answer: an interval excludes 0;
+    else inconclusive."""
+    # clean 0.2, 0.4, 0.0, 0.2, 0.2: mean 0.2, sd sqrt(0.02), t(0.975, 4) = 2.776445: 0.2 ± 0.1756
+    # robust -1, 0, 1, 0, 0: mean 0, sd sqrt(0.5): 0 ± 0.8779. Both within ±2.
+    v = A.computation_verdict({"clean": [0.2, 0.4, 0.0, 0.2, 0.2], "robust": [-1, 0, 1, 0, 0]})
+    assert v["verdict"] == "equivalent"
+    assert v["metrics"]["clean"]["half"] == pytest.approx(2.776445 * (0.02 / 5) ** 0.5, rel=1e-6)
+    assert v["metrics"]["robust"]["half"] == pytest.approx(2.776445 * (0.5 / 5) ** 0.5, rel=1e-6)
+    # robust -6, -5, -7, -6, -6: -6 ± 0.8779 excludes 0 (and lies outside ±2): changes the answer
+    assert A.computation_verdict({"clean": [0.2, 0.4, 0.0, 0.2, 0.2],
+                                  "robust": [-6, -5, -7, -6, -6]})["verdict"] == "changes the answer"
+    # robust 1, -1, 3, -3, 0: sd sqrt(5), se 1: 0 ± 2.776: neither within ±2 nor excluding 0
+    v = A.computation_verdict({"clean": [0, 0, 0, 0, 0], "robust": [1, -1, 3, -3, 0]})
+    assert v["verdict"] == "inconclusive" and v["metrics"]["robust"]["half"] == pytest.approx(2.776445, rel=1e-6)
+    # an interval that excludes 0 but lies within ±2 (0.5 ± 0.18) is still equivalent: a real but small change
+    assert A.computation_verdict({"clean": [0.5, 0.4, 0.6, 0.5, 0.5]})["verdict"] == "equivalent"
+    assert A.computation_verdict({"clean": [1.0]})["verdict"] == "inconclusive"     # one seed: no interval
+
+
+def test_computation_study_smoke(tmp_path):
+    """sweeps/compute.py end to end at smoke size: every training path and computation runs, rows say what ran,
+    rows.parquet holds per-image rows, and a rerun reuses every file."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from nodekd_ray import compute_study as C
+
+    argv = ["--preset", "smoke", "--seeds", "2", "--workers", "1", "--out", str(tmp_path), "--limit-train", "96",
+            "--limit-test", "32", "--device", "cpu"]
+    assert C.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {(v["phase"], v["computation"]) for v in summary["verdicts"]} == \
+        {("a", "bf16"), ("a", "noise-aware"), ("a", "fastest"), ("b", "default"), ("b", "fastest")}
+    rows = {p.name: json.loads(p.read_text()) for p in (tmp_path / "rows").iterdir()}
+    assert len(rows) == 2 * 2 * (3 + 3)          # seeds x groups x (3 training paths + 3 other computations)
+    fast = rows["a-reference-fastest-kd-seed1.json"]["computation"]
+    assert (fast["precision"], fast["solver_impl"], fast["step_control"], fast["norm_impl"]) == \
+        ("bf16", "nodekd", "noise-aware", "torch")     # on a CPU: no Triton norms, no graphs
+    trained = rows["b-fastest-reference-nokd-seed0.json"]
+    assert trained["computation"]["precision"] == "fp32" and trained["trained_with"]["precision"] == "bf16"
+    table = pq.read_table(tmp_path / "rows.parquet")
+    assert table.num_rows == len(rows) * 2 * 2 * 8       # rows x attacks x eps x images
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "students").iterdir()}
+    assert C.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "students").iterdir()} == mtimes
+    assert C.main(argv[:-2] + ["--seeds", "1"]) == 2      # fewer than 2 seeds: refused
