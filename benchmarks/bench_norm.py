@@ -1,4 +1,4 @@
-"""Claim: nodekd_ray/fused_norm.py's GroupNorm + ReLU (norm_impl "triton") runs f with fewer device
+"""Claim: nodekd_ray/speed/fused_norm.py's GroupNorm + ReLU (norm_impl "triton") runs f with fewer device
 operations than PyTorch's ops, and in less time on a GPU.
 
 Two measurements, PyTorch's norms (the baseline) against the Triton kernels in the same run:
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_solver import VIEWS, CountOps  # noqa: E402
 
-from nodekd_ray import fused_norm  # noqa: E402
+from nodekd_ray.speed import fused_norm  # noqa: E402
 from nodekd_ray.devices import describe_device  # noqa: E402
 from nodekd_ray.models import ODEFunc  # noqa: E402
 

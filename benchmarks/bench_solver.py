@@ -1,4 +1,4 @@
-"""Claim: nodekd_ray/dopri5.py takes the same dopri5 steps as torchdiffeq with fewer device operations,
+"""Claim: nodekd_ray/speed/dopri5.py takes the same dopri5 steps as torchdiffeq with fewer device operations,
 fewer device-to-host synchronisations and less time spent outside f per training step.
 
 Three measurements, each torchdiffeq's dopri5 (the baseline) against solver_impl "nodekd" in the same run:
@@ -95,7 +95,7 @@ class Pointwise(nn.Module):
 def solver_step(impl, f, h0, t1):
     from torchdiffeq import odeint
 
-    from nodekd_ray.dopri5 import dopri5
+    from nodekd_ray.speed.dopri5 import dopri5
 
     f.zero_grad(set_to_none=True)
     if impl == "nodekd":

@@ -1,6 +1,6 @@
 """Claim: with f's convolutions in bf16 (or TF32), f's rounding noise, not dopri5's truncation error, sets
 the step sizes on smooth dynamics, and dopri5 takes more steps than in fp32 for no accuracy; step_control
-"noise-aware" (nodekd_ray/dopri5.py) takes them out of the error ratio and gets fp32's step count back,
+"noise-aware" (nodekd_ray/speed/dopri5.py) takes them out of the error ratio and gets fp32's step count back,
 with the solution's error still at the level of bf16 rounding.
 
 How: the student (width 512, batch 128, t1 = 1 on a GPU; --smoke: width 64, batch 32) on seeded random images
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from nodekd_ray.devices import describe_device
-from nodekd_ray.dopri5 import dopri5
+from nodekd_ray.speed.dopri5 import dopri5
 from nodekd_ray.models import NODEConfig, NeuralODE
 
 ROWS = {

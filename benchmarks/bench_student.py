@@ -12,12 +12,12 @@ through it, update), for each option in one run:
     tf32                 TF32 convolutions (PyTorch's default for cuDNN convs on GPUs)
     bf16                 f's convolutions under bf16 autocast; state, solver and loss in fp32
     bf16+cl              bf16 and channels_last
-    tf32+nodekd          tf32 and solver_impl "nodekd" (nodekd_ray/dopri5.py: the same dopri5 steps as
+    tf32+nodekd          tf32 and solver_impl "nodekd" (nodekd_ray/speed/dopri5.py: the same dopri5 steps as
                          torchdiffeq's with fewer device operations; see benchmarks/bench_solver.py)
     bf16+nodekd          bf16 and solver_impl "nodekd"
     tf32+nodekd+recompute  tf32, solver_impl "nodekd" and recompute (f's GroupNorm + ReLU recomputed in
                          the backward: about half the activation memory per NFE)
-    tf32+triton          tf32 and norm_impl "triton" (nodekd_ray/fused_norm.py: GroupNorm + ReLU in one
+    tf32+triton          tf32 and norm_impl "triton" (nodekd_ray/speed/fused_norm.py: GroupNorm + ReLU in one
                          Triton kernel each way; on a CPU outside Triton's interpreter, PyTorch's ops run)
     bf16+triton          bf16 and norm_impl "triton" (no casts around the norms: the kernel reads and
                          writes bf16, with fp32 statistics)
@@ -32,7 +32,7 @@ through it, update), for each option in one run:
     ...+graphs+pereval   the same with graphs that take the parameters per evaluation (graph_inputs
                          "per-evaluation"), not a solve's shared inputs (the default where f's fused path allows:
                          Triton norms, NCHW; models.GraphSolveInputs)
-    ...+graphs           the same with cuda_graphs (nodekd_ray/cuda_graphs.py: a solve's evaluations of f with
+    ...+graphs           the same with cuda_graphs (nodekd_ray/speed/cuda_graphs.py: a solve's evaluations of f with
                          autograd replayed from CUDA graphs; GPUs only, eager on a CPU). "MFU f" and "MFU f-solve"
                          time f eagerly and are left out of these rows (benchmarks/bench_graphs.py times f in
                          graphs); "peak GiB" includes the graphs' memory

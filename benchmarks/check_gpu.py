@@ -42,7 +42,7 @@ OPTIONS = {
     "tf32+nodekd": dict(precision="tf32", solver_impl="nodekd"),          # the logits through dopri5.py
     "tf32+recompute": dict(precision="tf32", recompute=True),             # f's backward through _NormReluConv
     "bf16+recompute": dict(precision="bf16", recompute=True),
-    "tf32+triton": dict(precision="tf32", norm_impl="triton"),           # nodekd_ray/fused_norm.py's kernels
+    "tf32+triton": dict(precision="tf32", norm_impl="triton"),           # nodekd_ray/speed/fused_norm.py's kernels
     "bf16+triton": dict(precision="bf16", norm_impl="triton"),
     "bf16+triton+cl": dict(precision="bf16", norm_impl="triton", channels_last=True),
     "bf16+triton+nodekd": dict(precision="bf16", norm_impl="triton", solver_impl="nodekd"),

@@ -1,4 +1,4 @@
-"""Claim: NODEConfig.cuda_graphs (nodekd_ray/cuda_graphs.py) trains the student as the eager path does, on a GPU.
+"""Claim: NODEConfig.cuda_graphs (nodekd_ray/speed/cuda_graphs.py) trains the student as the eager path does, on a GPU.
 
 How: for each row, two students, one eager and one with cuda_graphs, take training steps (forward through
 dopri5, backward, an Adam update) on the same random batch, then one on a smaller batch (a second set of

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of --cuda-graphs (nodekd_ray/cuda_graphs.py), in one command sized for what is left of a
+# The GPU checks of --cuda-graphs (nodekd_ray/speed/cuda_graphs.py), in one command sized for what is left of a
 # 15-minute device lease (about 4 minutes): each step under its own time limit, its output in OUT_DIR/NAME.txt.
 #   1. check_graphs.py --pereval: eager against graphed training steps at width 512, batch 128 (correctness),
 #      the graphs taking a solve's shared inputs where f allows (the default), then per evaluation ("+pereval");

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_student import OPTIONS, f_gflop, matmul_rate, stem_head_gflop, sync, warmed_student  # noqa: E402
 
-import nodekd_ray.models as models  # noqa: E402
+import nodekd_ray.speed.dopri5 as speed_dopri5  # noqa: E402
 from nodekd_ray.devices import describe_device  # noqa: E402
 
 DEFAULT_OPTIONS = ["bf16+triton+nodekd+noise+graphs", "bf16+triton+nodekd+noise+graphs+pereval", "bf16+triton+nodekd+noise",
@@ -121,8 +121,8 @@ def f_times(log: Log) -> tuple[float, int, float, int]:
 def profile(name: str, args, device, peak: float) -> dict:
     model, step = warmed_student(OPTIONS[name], args, device)
     log = Log(Clock(device))
-    solver = models.dopri5
-    models.dopri5 = lambda f, *a, **kw: solver(bracketed(f, log), *a, **kw)
+    solver = speed_dopri5.dopri5
+    speed_dopri5.dopri5 = lambda f, *a, **kw: solver(bracketed(f, log), *a, **kw)
 
     def timed(steps: int) -> float:
         sync(device)
@@ -144,7 +144,7 @@ def profile(name: str, args, device, peak: float) -> dict:
         sync(device)
         fwd, n_fwd, bwd, n_bwd = f_times(log)
     finally:
-        models.dopri5 = solver
+        speed_dopri5.dopri5 = solver
     gf = f_gflop(args.width) * args.batch
     f_flop = (gf * n_fwd + 2 * gf * n_bwd) * 1e9
     step_flop = (gf * (nfe_f + 2 * nfe_b) + 3 * stem_head_gflop(args.width, args.stem) * args.batch) * 1e9

@@ -348,14 +348,19 @@ def _attack_sweep(model, images, labels, attack, eps_list, batch_size, steps, al
 
 
 def sweep_table(res: SweepResult, *, seed: int):
-    """SweepResult -> pyarrow Table with results.SAMPLE_SCHEMA."""
+    """SweepResult -> pyarrow Table with results.SAMPLE_SCHEMA: one row per (eps, image), with the solver and
+    the computation the rows were made with."""
     import pyarrow as pa
 
-    from .results import SAMPLE_SCHEMA
+    from .results import SAMPLE_COMPUTATION, SAMPLE_SCHEMA
 
     n = len(res.eps)
+    how = {**{k: res.solver.get(k, "" if k in ("solver", "time_input") else None) for k in ("solver", "rtol", "atol",
+                                                                                           "time_input")},
+           **res.computation}
     return pa.table({
         "attack": [res.attack] * n, "eps": res.eps, "eps_255": res.eps * 255.0, "steps": res.steps,
         "index": res.index, "label": res.label, "clean_correct": res.clean_correct,
         "adv_correct": res.adv_correct, "nfe": res.nfe, "seed": np.full(n, seed, dtype=np.int64),
+        **{k: [how.get(k)] * n for k in SAMPLE_COMPUTATION},
     }, schema=SAMPLE_SCHEMA)

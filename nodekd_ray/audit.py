@@ -41,6 +41,8 @@ import statistics
 
 from scipy import stats
 
+from .names import MODEL_NAMES
+
 PAPER = ("pgd", "mifgsm")
 WHITE_BOX = ("pgd", "mifgsm", "fgsm", "pgd-conv", "pgd-long", "pgd-restarts", "apgd-ce", "apgd-dlr")
 INDIRECT = ("square", "transfer-teacher", "transfer-node", "pgd-rk4", "transfer-tol-1e-5")
@@ -51,8 +53,7 @@ CONFIDENCE = 0.95        # the paired claims' t-intervals
 # The groups each paired claim is also judged in, fixed before the data are read (not chosen after a pooled
 # verdict comes out inconclusive): the KD claim per horizon, the horizon claim per student.
 DECLARED_GROUPS = {"KD improves robustness": "horizon", "a longer horizon improves robustness": "student"}
-NAMES = {"resnet20": "ResNet20", "resnet32": "ResNet32", "resnet44": "ResNet44", "resnet56": "ResNet56",
-         "resnet110": "ResNet110"}
+NAMES = MODEL_NAMES
 
 
 def degenerate(clean_accuracy: float, top_class_fraction: float | None, num_classes: int | None) -> str | None:

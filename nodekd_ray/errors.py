@@ -53,3 +53,7 @@ def is_no_space(e: BaseException | str) -> bool:
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return True
     return NO_SPACE in str(e)
+
+
+class ODESolveError(RuntimeError):
+    """The ODE solve failed: step-size underflow, the step limit, or a non-finite state."""

@@ -28,8 +28,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dopri5 import ODESolveError, dopri5
-from .errors import ConfigError, check_choice
+from .errors import ConfigError, ODESolveError, check_choice  # noqa: F401 -- ODESolveError: raised by solves
+
+# The speed machinery (nodekd_ray/speed/: nodekd's dopri5, the Triton norms, CUDA graphs) registers itself here,
+# as torchdiffeq's solvers sit in its SOLVERS table: this module names those parts and never imports them.
+# speed_part() loads the package the first time a setting needs one.
+SPEED_PARTS: dict = {}
+
+
+def register_speed_parts(**parts) -> None:
+    """Called by nodekd_ray.speed on import: name -> module (dopri5, fused_norm, cuda_graphs)."""
+    SPEED_PARTS.update(parts)
+
+
+def speed_part(name: str):
+    if name not in SPEED_PARTS:
+        import importlib
+
+        importlib.import_module(__package__ + ".speed")    # registers every part
+    return SPEED_PARTS[name]
 
 RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 ARCHS = tuple(RESNET_DEPTHS) + ("node",)
@@ -296,7 +313,7 @@ class ODEFunc(nn.Module):
         # torch.compile of f's GroupNorm + ReLU pairs and bf16 norms ("compile", "bf16_norms") were removed on
         # 2026-12-05: both measured slower than their baselines (benchmarks/README.md).
         self._gn_relu = _gn_relu
-        self._triton = norm_impl == "triton"   # nodekd_ray/fused_norm.py
+        self._triton = norm_impl == "triton"   # nodekd_ray/speed/fused_norm.py
         if self._triton:
             self._gn_relu = self._fused.gn_relu
         extra = 0 if time_input == "none" else 1
@@ -334,7 +351,7 @@ class ODEFunc(nn.Module):
     def reference(self, t, h):
         """f(t, h) in h's dtype with PyTorch's own ops and no autocast, the time channel concatenated: the
         yardstick against which step_control "noise-aware" measures the rounding noise of f's own precision
-        (nodekd_ray/dopri5.py). No autograd; counted in nfe_reference, not in nfe. On a GPU the convolutions
+        (nodekd_ray/speed/dopri5.py). No autograd; counted in nfe_reference, not in nfe. On a GPU the convolutions
         are IEEE fp32 for a tf32 f, and TF32 for a bf16 f: TF32's noise is about a tenth of bf16's (f 6e-4
         against 7e-3 off fp64 on an H100, README), so it adds 0.5% to the measured noise, and a TF32
         evaluation costs about what a bf16 one does where IEEE fp32 costs twice that. On a CPU, fp32."""
@@ -373,7 +390,7 @@ class ODEFunc(nn.Module):
         recompute = self.recompute and torch.is_grad_enabled()
         if self._fused and not recompute and self.time_input != "none" and self.time_conv == "aligned":
             # Each conv's bias and time term t * response are added inside the next norm's kernel, in fp32
-            # and to the fp32 response (nodekd_ray/fused_norm.py): the conv runs without its bias, and there
+            # and to the fp32 response (nodekd_ray/speed/fused_norm.py): the conv runs without its bias, and there
             # is no multiply or add over the state per layer. Within a solve, the norms' parameter gradients
             # (gamma, beta, the previous conv's bias and response) are summed by the kernels over the solve's
             # evaluations and handed to autograd once (fused_norm.SolveGrads).
@@ -422,13 +439,9 @@ class ODEFunc(nn.Module):
 
     @property
     def _fused(self):
-        """nodekd_ray.fused_norm with norm_impl "triton", else None (a property: a module in the instance's
+        """nodekd_ray.speed.fused_norm with norm_impl "triton", else None (a property: a module in the instance's
         attributes would stop deepcopy and pickle, e.g. attacks.with_solver's copy)."""
-        if not self._triton:
-            return None
-        from . import fused_norm
-
-        return fused_norm
+        return speed_part("fused_norm") if self._triton else None
 
     def can_share_graph_inputs(self, h0: torch.Tensor) -> bool:
         """Whether CUDA graphs of f can take a solve's shared inputs (GraphSolveInputs) for state h0: f's fused
@@ -585,7 +598,7 @@ class NODEConfig:
                                   # next conv's dtype; CUDA only). The default stays torch's: on an H200 the
                                   # kernels were faster in some training configurations and slower in others,
                                   # and slower per call eagerly; with cuda_graphs they pay (README)
-    solver_impl: str = "auto"     # "torchdiffeq", "nodekd" (nodekd_ray/dopri5.py: torchdiffeq's dopri5 steps with
+    solver_impl: str = "auto"     # "torchdiffeq", "nodekd" (nodekd_ray/speed/dopri5.py: torchdiffeq's dopri5 steps with
                                   # fewer device operations; dopri5 with plain backpropagation only), or "auto":
                                   # nodekd where it applies, else torchdiffeq (solver_impl_used). Measured on an
                                   # H200 (README, "Measured on one H200"): a width-512 training step 1.19x faster
@@ -593,13 +606,13 @@ class NODEConfig:
     step_control: str = "auto"    # "plain" (torchdiffeq's), "noise-aware" (solver_impl "nodekd", precision tf32
                                   # or bf16): dopri5 measures f's rounding noise against an fp32 evaluation (2 per
                                   # solve) and takes it out of each step's error ratio, so that bf16/TF32 noise does
-                                  # not shrink the steps (nodekd_ray/dopri5.py), or "auto": noise-aware on a GPU
+                                  # not shrink the steps (nodekd_ray/speed/dopri5.py), or "auto": noise-aware on a GPU
                                   # where it applies, else plain (step_control_used). On a CPU tf32 is IEEE fp32,
                                   # f has no such noise, and the 2 fp32 evaluations would buy nothing. Measured on
                                   # an H200: 14 / 13 NFE per training step against 20 / 19 (fp32's 14 / 13),
                                   # 1.20x the images/s at tf32 and 1.37x at bf16, state errors against fp64 the same
     cuda_graphs: bool = False     # a training solve's evaluations of f (with autograd) replayed from CUDA graphs, one
-                                  # graph pair per evaluation slot (nodekd_ray/cuda_graphs.py); nodekd's dopri5 only;
+                                  # graph pair per evaluation slot (nodekd_ray/speed/cuda_graphs.py); nodekd's dopri5 only;
                                   # on a CPU, and for evaluations without autograd, f runs eagerly. Off by default:
                                   # at the default precision and norms it gains nothing on an H200 (README, "CUDA
                                   # graphs"); with bf16 and norm_impl "triton" it is the fastest path measured
@@ -632,8 +645,7 @@ class NODEConfig:
             raise ConfigError("recompute", f"needs time_conv 'aligned', got time_conv {self.time_conv!r}")
         check_choice("norm_impl", self.norm_impl, NORM_IMPLS)
         if self.norm_impl == "triton":
-            from . import fused_norm
-            if not fused_norm.available():
+            if not speed_part("fused_norm").available():
                 raise ConfigError("norm_impl", "'triton' needs the triton package (installed with CUDA builds of torch)")
         check_choice("step_control", self.step_control, STEP_CONTROLS)
         if self.step_control == "noise-aware" and (self.solver_impl_used() != "nodekd" or self.precision == "fp32"):
@@ -703,15 +715,14 @@ class NeuralODE(nn.Module):
         graphed = None
         if cfg.cuda_graphs:
             if self._graphs is None:
-                from .cuda_graphs import GraphedSolves
-                self._graphs = GraphedSolves(self.func, share_inputs=cfg.graph_inputs == "shared")
+                self._graphs = speed_part("cuda_graphs").GraphedSolves(self.func, share_inputs=cfg.graph_inputs == "shared")
             graphed, h0 = self._graphs.begin(h0)
         shared = contextlib.nullcontext() if cfg.adjoint or graphed else self.func.solving()
         try:
             with shared:
                 if cfg.solver_impl_used() == "nodekd":
                     noise_aware = cfg.step_control_used(h0.is_cuda) == "noise-aware"
-                    h = dopri5(graphed or self.func, h0, 0.0, self._t_end, rtol=cfg.rtol, atol=cfg.atol,
+                    h = speed_part("dopri5").dopri5(graphed or self.func, h0, 0.0, self._t_end, rtol=cfg.rtol, atol=cfg.atol,
                                max_num_steps=cfg.max_num_steps,
                                reference=self.func.reference if noise_aware else None)
                 else:

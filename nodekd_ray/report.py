@@ -15,6 +15,7 @@ import statistics
 from .audit import audit_markdown, computation_key, mixed_cells, model_flags, verdict_lines
 from .audit import label as _label
 from .sweep import TEACHERS, Storage, read_attacks
+from .names import DATASET_NAMES, MODEL_NAMES
 
 # The paper's numbers (accuracy, %): Table 1, Table 2 (NODE(1) students), Table 3.
 PAPER_TABLE1 = {
@@ -32,9 +33,7 @@ PAPER_TABLE2 = {  # dataset -> T -> teacher -> accuracy of the NODE(1) student
 PAPER_TABLE2 = {d: {T: dict(zip(TEACHERS, v)) for T, v in rows.items()} for d, rows in PAPER_TABLE2.items()}
 PAPER_TABLE3 = {"cifar10": {"clean": 69.94, 8.0: 25.07, 12.0: 23.60, 16.0: 21.29, 20.0: 20.24}}
 TABLE3_EPS = (8.0, 12.0, 16.0, 20.0)
-_NAMES = {"resnet20": "ResNet20", "resnet32": "ResNet32", "resnet44": "ResNet44", "resnet56": "ResNet56",
-          "resnet110": "ResNet110"}
-_DS = {"cifar10": "CIFAR10", "svhn": "SVHN", "digits": "digits", "synthetic": "synthetic"}
+_NAMES, _DS = MODEL_NAMES, DATASET_NAMES
 
 
 def _cell(values, paper=None) -> str:

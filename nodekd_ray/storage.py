@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .errors import ConfigError
+from .faults import disk_full
 
 TEMP_SUFFIX = ".tmp"
 
@@ -208,7 +209,7 @@ class Storage:
 
     def write_bytes(self, path, data: bytes) -> None:
         """Writes the file atomically: a temporary in the same folder, then a move onto the final name."""
-        _disk_full_fault(path)
+        disk_full(path)
         tmp = self.temporary(path)
         try:
             with self.fs.open_output_stream(tmp) as f:
@@ -400,18 +401,6 @@ class Storage:
             f.write(data)
         os.replace(tmp, local_path)
         return True
-
-
-def _disk_full_fault(path: str) -> None:
-    """Fault injection for tests: $NODEKD_FAULTS {"disk_full": {"key": substring}} makes every write
-    to a path containing the substring fail as on a full disk, for as long as it is set."""
-    spec = os.environ.get("NODEKD_FAULTS")
-    if spec and "disk_full" in spec:
-        key = json.loads(spec).get("disk_full", {}).get("key")
-        if key and key in path.replace(os.sep, "/"):
-            import errno
-
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
 def _first_line(e: BaseException) -> str:

@@ -40,8 +40,10 @@ from .attacks import (ATTACKS, AUDIT_ATTACKS, COMPUTATIONS, CROSS_TOLERANCE, NOD
 from .data import DATASETS, ImageSet
 from .devices import describe_device, placement_device
 from .errors import ConfigError, check_choice, check_range
+from .faults import InjectedFault, die_mid_write, fault
 from .kd import LOGIT_MODES, compute_logit_table, validate_kd
 from .models import RESNET_DEPTHS, NODEConfig, ODESolveError, checkpoint_state, load_checkpoint
+from .results import _LATER_FIELDS, ATTACK_FILE_SCHEMA, ATTACK_SCHEMA  # noqa: F401 -- one declaration, results.py
 from .storage import Damaged, Storage
 from .train import StudentConfig, TeacherConfig, train_student, train_teacher
 
@@ -412,29 +414,6 @@ def teacher_config(job: TeacherJob, settings: Settings, **extra) -> TeacherConfi
         raise ConfigError("teacher", f"unknown setting: {e}") from None
 
 
-# ----------------------------------------------------------------------------- faults (tests)
-
-
-def fault(name: str, key: str, storage: Storage, **match) -> bool:
-    """True once for an injected fault named in $NODEKD_FAULTS (JSON: name -> {"key": substring, ...}).
-
-    For fault-tolerance tests only: each fault fires a single time per storage folder (a marker
-    file records it), so the retry that follows runs normally.
-    """
-    spec = json.loads(os.environ.get("NODEKD_FAULTS", "{}")).get(name)
-    if not spec or spec.get("key", "") not in key or any(spec.get(k, v) != v for k, v in match.items()):
-        return False
-    marker = storage.path("faults", f"{name}-{key}")
-    if storage.exists(marker):   # one trial per key, so no two processes race for a marker
-        return False
-    storage.write_bytes(marker, b"")
-    return True
-
-
-class InjectedFault(RuntimeError):
-    pass
-
-
 # ----------------------------------------------------------------------------- work
 
 
@@ -683,59 +662,6 @@ def _hparams(log_dir: str, rec: dict, final: dict) -> None:
 
 # ----------------------------------------------------------------------------- attacks
 
-_FILE_FIELDS = [
-    pa.field("model_key", pa.string()),
-    pa.field("kind", pa.string()),             # teacher, node, node_kd
-    pa.field("model", pa.string()),            # resnet20 ... resnet110, node
-    pa.field("teacher", pa.string()),          # KD students: the teacher ResNet
-    pa.field("T", pa.float64()),
-    pa.field("lam", pa.float64()),
-    pa.field("t1", pa.float64()),              # NODE horizon
-    pa.field("logits_mode", pa.string()),
-    pa.field("seed", pa.int64()),
-    pa.field("eps", pa.float64()),             # pixel units, [0, 1]
-    pa.field("eps_255", pa.float64()),
-    pa.field("steps", pa.int32()),
-    pa.field("n_images", pa.int64()),
-    pa.field("n_clean_correct", pa.int64()),
-    pa.field("n_adv_correct", pa.int64()),
-    pa.field("clean_accuracy", pa.float64()),
-    pa.field("robust_accuracy", pa.float64()),
-    pa.field("nfe_per_image", pa.float64()),   # ODE evaluations (forward + backward) per image, 0 for ResNets
-    pa.field("seconds", pa.float64()),         # wall time of this eps
-    pa.field("task_seconds", pa.float64()),    # wall time of the whole task (model load, clean pass, all eps)
-    pa.field("chunk", pa.string()),
-    pa.field("device", pa.string()),           # what the attack ran on: "cpu", "cuda NVIDIA A10G"
-    pa.field("held_gpus", pa.string()),        # GPU ids the scheduler assigned to the task ("" for none)
-    pa.field("model_sha256", pa.string()),     # the attacked model file (a retrained model makes these rows stale)
-    # from here on: added with the audit (files written before hold nulls)
-    pa.field("restarts", pa.int32()),          # random starts (an image is robust only if every start fails)
-    pa.field("alpha_255", pa.float64()),       # step size in 1/255 (0 where the attack sets its own: APGD, Square)
-    pa.field("solver", pa.string()),           # how the evaluated NODE was integrated ("" for ResNets)
-    pa.field("rtol", pa.float64()),
-    pa.field("atol", pa.float64()),
-    pa.field("time_input", pa.string()),
-    pa.field("source", pa.string()),           # transfer: the model the images were made on; pgd-rk4: "rk4 x N"
-    pa.field("top_class_fraction", pa.float64()),  # share of the most frequent clean prediction (degenerate models)
-    pa.field("num_classes", pa.int64()),
-    # how the rows were computed (files written before hold nulls: they ran on the model's training settings)
-    pa.field("computation", pa.string()),      # "reference" or "as-trained" (attacks.COMPUTATIONS)
-    pa.field("precision", pa.string()),        # as the device ran it: fp32, tf32, bf16
-    pa.field("step_control", pa.string()),     # dopri5's: plain, noise-aware ("" for ResNets)
-    pa.field("solver_impl", pa.string()),      # torchdiffeq, nodekd ("" for ResNets)
-    pa.field("norm_impl", pa.string()),        # torch, triton
-    pa.field("cuda_graphs", pa.bool_()),
-    pa.field("torch_version", pa.string()),
-]
-# columns that files written by earlier versions lack (read back as nulls)
-_LATER_FIELDS = ("model_sha256", "restarts", "alpha_255", "solver", "rtol", "atol", "time_input", "source",
-                 "top_class_fraction", "num_classes", "computation", "precision", "step_control", "solver_impl",
-                 "norm_impl", "cuda_graphs", "torch_version")
-# What each Parquet file holds; dataset and attack are the hive partition folders.
-ATTACK_FILE_SCHEMA = pa.schema(_FILE_FIELDS)
-ATTACK_SCHEMA = pa.schema(_FILE_FIELDS + [pa.field("dataset", pa.string()), pa.field("attack", pa.string())])
-
-
 def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: ImageSet, *, device="auto",
                held=None, seed: int = 0) -> str:
     """Attacks one model at a chunk of eps values and writes one Parquet file atomically.
@@ -792,7 +718,7 @@ def run_attack(job: AttackJob, settings: Settings, storage: Storage, test: Image
     table = pa.Table.from_pylist(rows, schema=ATTACK_FILE_SCHEMA)
     data = parquet_bytes(table)
     if fault("kill_attack_write", job.key, storage):
-        _die_mid_write(storage, data, out)
+        die_mid_write(storage, data, out)
     storage.write_bytes(out, data)
     return storage.url(out)
 
@@ -803,13 +729,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
-
-
-def _die_mid_write(storage: Storage, data: bytes, out: str) -> None:
-    """Fault injection: the process dies with half a file written under a temporary name."""
-    with storage.fs.open_output_stream(storage.temporary(out)) as f:
-        f.write(data[: len(data) // 2])
-    os._exit(17)
 
 
 def attack_problem(storage: Storage, job: AttackJob, rec: dict | None = None, data: bytes | None = None) -> str | None:

@@ -24,7 +24,7 @@ from .data import AUGMENT_DEFAULTS, DATASETS, Batches, ImageSet, channel_stats, 
 from .errors import ConfigError, check_choice, check_range
 from .kd import LOGIT_MODES, TeacherLogits, compute_logit_table, kd_loss, validate_kd
 from .models import (RESNET_DEPTHS, NODEConfig, as_reference, build_model, nfe_totals, reference_arithmetic,
-                     save_checkpoint)
+                     save_checkpoint, speed_part)
 
 TEACHER_EPOCHS = {"cifar10": 300, "svhn": 40, "digits": 30, "synthetic": 5}
 STUDENT_EPOCHS = {"cifar10": 200, "svhn": 40, "digits": 30, "synthetic": 5}
@@ -394,8 +394,7 @@ def train_student(cfg: StudentConfig, *, teacher=None, table=None, data=None, so
     """
     cfg.validate()
     if cfg.node.norm_impl == "triton" and cfg.torch_device().type != "cuda":
-        from . import fused_norm
-        if not fused_norm.interpreting():
+        if not speed_part("fused_norm").interpreting():
             raise ConfigError("norm_impl", f"'triton' runs its kernels on a CUDA device; this job runs on "
                                            f"{cfg.torch_device()} (use norm_impl torch)")
     train, test = data if data is not None else _load(cfg)

@@ -82,6 +82,7 @@ def test_sweep_rows_nfe_and_parquet_round_trip(models, synthetic, tmp_path):
     path = str(tmp_path / "a.parquet")
     atomic_write_table(sweep_table(res, seed=0), path)
     back = pq.read_table(path).to_pandas()
+    assert set(back.computation) == {"reference"} and set(back.precision) == {"fp32"} and set(back.solver) == {"dopri5"}
     assert len(back) == 72 and back.groupby("eps_255").adv_correct.mean().to_dict() == pytest.approx(
         {e * 255: a for e, a in acc.items()})
 

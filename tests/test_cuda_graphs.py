@@ -1,4 +1,4 @@
-"""nodekd_ray/cuda_graphs.py on a CPU: the slot bookkeeping, counting and guard, with an eager stand-in for
+"""nodekd_ray/speed/cuda_graphs.py on a CPU: the slot bookkeeping, counting and guard, with an eager stand-in for
 torch.cuda.make_graphed_callables that keeps each slot's inputs in static buffers and its autograd graph until
 the slot is reused, as CUDA graphs keep their activations (benchmarks/check_graphs.py checks the real graphs on
 a GPU)."""
@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from nodekd_ray.cuda_graphs import FIRST_CHUNK, GraphedSolves
+from nodekd_ray.speed.cuda_graphs import FIRST_CHUNK, GraphedSolves
 from nodekd_ray.errors import ConfigError
 from nodekd_ray.models import NODEConfig, NeuralODE
 

@@ -1,11 +1,11 @@
-"""nodekd_ray/dopri5.py against torchdiffeq's dopri5, and against exact solutions."""
+"""nodekd_ray/speed/dopri5.py against torchdiffeq's dopri5, and against exact solutions."""
 import math
 
 import pytest
 import torch
 from torchdiffeq import odeint
 
-from nodekd_ray.dopri5 import ODESolveError, dopri5
+from nodekd_ray.speed.dopri5 import ODESolveError, dopri5
 from nodekd_ray.errors import ConfigError
 from nodekd_ray.models import NODEConfig, NeuralODE
 
@@ -132,7 +132,7 @@ def test_auto_defaults_pick_nodekd_and_noise_aware_on_a_gpu_where_they_apply(kw,
 
 
 def test_the_default_student_solves_with_nodekds_dopri5_and_adjoint_with_torchdiffeqs(monkeypatch):
-    import nodekd_ray.models as models
+    import nodekd_ray.speed.dopri5 as speed_dopri5
 
     calls = []
 
@@ -140,7 +140,7 @@ def test_the_default_student_solves_with_nodekds_dopri5_and_adjoint_with_torchdi
         calls.append(kw.get("reference"))
         return dopri5(*args, **kw)
 
-    monkeypatch.setattr(models, "dopri5", counting)
+    monkeypatch.setattr(speed_dopri5, "dopri5", counting)
     torch.manual_seed(5)
     x = torch.rand(2, 3, 32, 32)
     default = NeuralODE(NODEConfig(width=16))
@@ -299,7 +299,7 @@ def test_the_noise_model_matches_the_noise_part_of_the_error_estimate():
     """r_n, the solver's estimate of the rounding noise in its first step's error ratio (from two reference
     evaluations at the first-step rule's points), against the noise part measured directly: the error estimate
     of the rounded stages minus that of the exact f at the same stage states."""
-    from nodekd_ray.dopri5 import _ALPHA, _BETA, _C_ERROR, _combine
+    from nodekd_ray.speed.dopri5 import _ALPHA, _BETA, _C_ERROR, _combine
 
     exact, low, y0, _ = _rounded_linear_ode(seed=1)
     stats = {}
@@ -464,7 +464,7 @@ def test_profile_graphed_step_brackets_every_graphed_evaluation_with_autograd():
     are the FLOPs over those times."""
     import torch
 
-    from nodekd_ray.cuda_graphs import GraphedSolves
+    from nodekd_ray.speed.cuda_graphs import GraphedSolves
     from test_cuda_graphs import static_slots
 
     prof = _bench_module("profile_graphed_step")

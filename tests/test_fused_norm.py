@@ -1,10 +1,10 @@
-"""nodekd_ray/fused_norm.py: the Triton GroupNorm (+ ReLU) kernels, run here in Triton's interpreter
+"""nodekd_ray/speed/fused_norm.py: the Triton GroupNorm (+ ReLU) kernels, run here in Triton's interpreter
 (TRITON_INTERPRET=1), against float64 PyTorch; and norm_impl "triton" in the student."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nodekd_ray import fused_norm
+from nodekd_ray.speed import fused_norm
 from nodekd_ray.errors import ConfigError
 from nodekd_ray.models import NeuralODE, NODEConfig
 

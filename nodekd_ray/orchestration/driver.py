@@ -41,12 +41,13 @@ import numpy as np
 from ..data import ImageSet, load_dataset
 from ..devices import LOGICAL_GPUS_ENV
 from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
+from ..faults import ENV as FAULTS_ENV
 from ..lock import StorageLock
 from ..storage import Damaged
 from ..sweep import (AttackJob, Settings, Storage, StudentJob, TeacherJob, attack_problem, logit_table,
                      longest_first, plan, run_attack, run_training)
 
-FORWARDED_ENV = ("NODEKD_FAULTS", LOGICAL_GPUS_ENV)   # reach every Ray worker through runtime_env
+FORWARDED_ENV = (FAULTS_ENV, LOGICAL_GPUS_ENV)   # reach every Ray worker through runtime_env
 
 
 # ----------------------------------------------------------------------------- data in the object store

@@ -45,7 +45,7 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
                     help="students' ODE-function convolutions (default: tf32, PyTorch's own for cuDNN convs; "
                          "the ODE state, solver and loss stay fp32)")
     ap.add_argument("--solver-impl", default=None, choices=("auto", "torchdiffeq", "nodekd"),
-                    help="students' dopri5: auto (default: nodekd_ray/dopri5.py's where it applies, the same steps "
+                    help="students' dopri5: auto (default: nodekd_ray/speed/dopri5.py's where it applies, the same steps "
                          "with fewer device operations; else torchdiffeq's), torchdiffeq, or nodekd")
     ap.add_argument("--step-control", default=None, choices=("auto", "plain", "noise-aware"),
                     help="students' dopri5 step control: auto (default: noise-aware on a GPU where it applies, else "
@@ -57,9 +57,9 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
                          "memory per NFE, for one more GroupNorm pass per layer")
     ap.add_argument("--cuda-graphs", action="store_true", default=None,
                     help="students replay a training solve's evaluations of f from CUDA graphs (nodekd solver; GPUs "
-                         "only; nodekd_ray/cuda_graphs.py)")
+                         "only; nodekd_ray/speed/cuda_graphs.py)")
     ap.add_argument("--norm-impl", default=None, choices=("torch", "triton"),
-                    help="students' GroupNorm + ReLU: PyTorch's ops (default), or nodekd_ray/fused_norm.py's "
+                    help="students' GroupNorm + ReLU: PyTorch's ops (default), or nodekd_ray/speed/fused_norm.py's "
                          "Triton kernels (GPUs only: one kernel each way, no casts around it under bf16)")
     ap.add_argument("--eval-as-trained", action="store_true",
                     help="attacks and their clean pass compute with the students' training settings (precision, "

@@ -75,8 +75,7 @@ _C_ERROR_NORM = float(np.linalg.norm(_C_ERROR))   # 0.0531: the error estimate's
 NOISE_CAP = 0.5                                   # the most of a step's error ratio credited to rounding noise
 
 
-class ODESolveError(RuntimeError):
-    """The ODE solve failed: step-size underflow, the step limit, or a non-finite state."""
+from ..errors import ODESolveError  # noqa: E402,F401 -- raised here; core code catches it without importing this
 
 
 def _combine(y0: torch.Tensor | None, weights, ks) -> torch.Tensor:

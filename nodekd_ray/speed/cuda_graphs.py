@@ -49,6 +49,8 @@ import warnings
 
 import torch
 
+from ..models import GraphSolveInputs, _count_vjp
+
 FIRST_CHUNK = 8
 KEPT_SETS = 2
 
@@ -74,7 +76,6 @@ class _Guard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .models import _count_vjp
 
         g, s = ctx.graphs
         if s.owner[ctx.index] != ctx.solve:
@@ -140,7 +141,6 @@ class GraphedSolves:
         self.solves += 1
         self._next = 0
         if self.share_inputs and self.func.can_share_graph_inputs(h0):
-            from .models import GraphSolveInputs
 
             if self.current.inputs is None:
                 self.current.inputs = GraphSolveInputs(self.func, h0)
