@@ -6,7 +6,7 @@
 # eps 8/255 on 300 test images. Needs a GPU to finish in minutes.
 #
 #     bash benchmarks/digits_precision.sh OUT_DIR [PYTHON]
-#     PRECISIONS="tf32 bf16" KD_PRECISIONS="" STUDENT_ARGS="--solver-impl nodekd --step-control noise-aware" ...
+#     PRECISIONS="tf32 bf16" KD_PRECISIONS="" STUDENT_ARGS="--node solver_impl=nodekd --node step_control=noise-aware" ...
 #                     # other precisions, or none; more train-student options for every student
 set -euo pipefail
 out=${1:?usage: digits_precision.sh OUT_DIR [PYTHON]}
@@ -23,5 +23,5 @@ run() {   # name, extra args
     $py -m nodekd_ray.cli attack "${common[@]}" --checkpoint "$out/$name.pt" --attack pgd --eps 0,8/255 \
         --steps 20 --limit-test 300 --out "$out/$name-pgd.parquet" --force 2>&1 | tail -3
 }
-for p in ${PRECISIONS-fp32 tf32 bf16}; do run "node-$p" --no-kd --precision "$p"; done
-for p in ${KD_PRECISIONS-tf32 bf16}; do run "node-kd-$p" --teacher "$out/teacher.pt" --T 3 --precision "$p"; done
+for p in ${PRECISIONS-fp32 tf32 bf16}; do run "node-$p" --no-kd --node precision="$p"; done
+for p in ${KD_PRECISIONS-tf32 bf16}; do run "node-kd-$p" --teacher "$out/teacher.pt" --T 3 --node precision="$p"; done

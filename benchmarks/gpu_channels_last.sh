@@ -15,6 +15,6 @@ opts=(bf16+cl+triton+nodekd+noise+graphs bf16+triton+nodekd+noise+graphs tf32+cl
 step check_graphs 60 $py benchmarks/check_graphs.py --rows bf16+cl+triton tf32+cl+triton
 step profile 75 $py benchmarks/profile_graphed_step.py --options "${opts[@]}"
 step bench_student 75 $py benchmarks/bench_student.py --options fp32-concat "${opts[@]}" --out "$out/rates.json"
-step digits 120 env PRECISIONS=bf16 KD_PRECISIONS= STUDENT_ARGS="--cuda-graphs --channels-last --norm-impl triton" \
+step digits 120 env PRECISIONS=bf16 KD_PRECISIONS= STUDENT_ARGS="--node cuda_graphs=true --node channels_last=true --node norm_impl=triton" \
     bash benchmarks/digits_precision.sh /tmp/dcl "$py"
 finish gpu_channels_last.sh

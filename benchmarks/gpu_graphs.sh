@@ -23,7 +23,7 @@ step bench_student 100 $py benchmarks/bench_student.py --options fp32-concat tf3
     tf32+triton+nodekd+noise+graphs tf32+triton+nodekd+noise+graphs+pereval bf16+triton+nodekd+noise \
     bf16+triton+nodekd+noise+graphs bf16+triton+nodekd+noise+graphs+pereval --out "$out/rates.json"
 dp=${DIGITS_PRECISION:-bf16}
-ga="--cuda-graphs --norm-impl triton --graph-inputs ${DIGITS_GRAPHS:-shared}"
+ga="--node cuda_graphs=true --node norm_impl=triton --node graph_inputs=${DIGITS_GRAPHS:-shared}"
 step digits 120 env PRECISIONS=$dp KD_PRECISIONS= STUDENT_ARGS="$ga" bash benchmarks/digits_precision.sh /tmp/dg "$py"
 cp /tmp/dg/node-$dp.log "$out/digits-node-$dp.log" 2>/dev/null
 finish gpu_graphs.sh

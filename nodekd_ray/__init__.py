@@ -16,4 +16,4 @@ __all__ = [
     "ODESolveError", "build_model", "load_checkpoint", "save_checkpoint", "StudentConfig",
     "TeacherConfig", "train_student", "train_teacher",
 ]
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402

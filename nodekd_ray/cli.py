@@ -48,9 +48,12 @@ def _common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .attacks import ATTACKS
     from .kd import LOGIT_MODES
-    from .models import RESNET_DEPTHS, SOLVERS, TIME_INPUTS, PRECISIONS
+    from .models import RESNET_DEPTHS, SOLVERS, SPEED_HELP, SPEEDS, TIME_INPUTS
 
     p = _Parser(prog="nodekd", description="Knowledge distillation from ResNets into Neural ODEs, and attacks on them.")
+    from ._version import version_line
+
+    p.add_argument("--version", action="version", version=version_line())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train-teacher", help="train a CIFAR ResNet teacher", description="Train a CIFAR ResNet teacher.")
@@ -76,31 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--step-size", type=float, default=0.0, help="step of fixed-step solvers (0: t1/10)")
     n.add_argument("--adjoint", action="store_true", help="backpropagate with odeint_adjoint")
     n.add_argument("--time-input", default="raw", help=f"time channel of f: {', '.join(TIME_INPUTS)} (raw: t, as torchdiffeq's ODE-Net)")
-    n.add_argument("--time-conv", default="aligned", help="how t enters f's convs: aligned (width->width conv plus t "
-                                                          "times a precomputed response) or concat; the same function")
-    n.add_argument("--precision", default="tf32", help=f"f's convolutions: {', '.join(PRECISIONS)} (the ODE state, "
-                                                       "solver and loss stay fp32)")
-    n.add_argument("--channels-last", action="store_true", help="NHWC memory format for the ODE state and f")
-    n.add_argument("--cuda-graphs", action="store_true", help="replay a training solve's evaluations of f from CUDA "
-                                                              "graphs (nodekd solver; GPUs only; nodekd_ray/"
-                                                              "cuda_graphs.py)")
-    n.add_argument("--graph-inputs", default="shared", help="with --cuda-graphs, what f's graphs take: shared (a "
-                                                            "solve's prepared weights in, one gradient sum out, where "
-                                                            "f's fused path allows: --norm-impl triton, NCHW; else "
-                                                            "per-evaluation) or per-evaluation (the parameters)")
     n.add_argument("--recompute", action="store_true", help="recompute f's GroupNorm + ReLU in the backward: "
                                                             "about half the activation memory per NFE")
-    n.add_argument("--norm-impl", default="torch", help="f's GroupNorm + ReLU: torch, or triton (nodekd_ray/"
-                                                        "fused_norm.py: one kernel each way; CUDA only)")
-    n.add_argument("--solver-impl", default="auto", help="dopri5's implementation: auto (default: nodekd where it "
-                                                          "applies, else torchdiffeq), torchdiffeq, or nodekd (the "
-                                                          "same steps, fewer device operations; plain "
-                                                          "backpropagation only)")
-    n.add_argument("--step-control", default="auto", help="dopri5's step control: auto (default: noise-aware on a GPU "
-                                                          "where it applies, else plain), plain (torchdiffeq's), or "
-                                                          "noise-aware (with the nodekd solver and --precision "
-                                                          "tf32/bf16: bf16/TF32 rounding noise is measured against "
-                                                          "fp32 and does not shrink the steps)")
+    sp = s.add_argument_group("speed (training only: evaluation runs on the reference computation)")
+    sp.add_argument("--speed", default="default", choices=SPEEDS, help=SPEED_HELP)
+    sp.add_argument("--node", action="append", default=[], metavar="FIELD=VALUE",
+                    help="expert: set one NODEConfig field on top of --speed (e.g. precision=bf16, norm_impl=triton, "
+                         "cuda_graphs=true); repeatable; see nodekd_ray/models.py, NODEConfig")
     _common(s)
 
     a = sub.add_parser("attack", help="attack one model on one data set over a list of eps",
@@ -205,13 +190,16 @@ def cmd_train_student(args) -> None:
     from .models import NODEConfig, load_checkpoint
     from .train import StudentConfig, save_trained, train_student
 
+    import torch
+
+    from .models import parse_node_overrides, speed_settings
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     node = NODEConfig(width=args.width, layers=args.layers, stem_channels=args.stem_channels, t1=args.t1,
                       solver=args.solver, rtol=args.rtol, atol=args.atol, max_num_steps=args.max_num_steps,
                       step_size=args.step_size, adjoint=args.adjoint, time_input=args.time_input,
-                      time_conv=args.time_conv, precision=args.precision, channels_last=args.channels_last,
-                      solver_impl=args.solver_impl, recompute=args.recompute,
-                      norm_impl=args.norm_impl, step_control=args.step_control, cuda_graphs=args.cuda_graphs,
-                      graph_inputs=args.graph_inputs)
+                      recompute=args.recompute,
+                      **{**speed_settings(args.speed, device.split(":")[0]), **parse_node_overrides(args.node)})
     cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,
                         **_recipe_kwargs(args)).validate()
     _check_out(args)

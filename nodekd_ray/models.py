@@ -758,6 +758,65 @@ REFERENCE_COMPUTATION = dict(precision="fp32", solver_impl="torchdiffeq", step_c
                              cuda_graphs=False, recompute=False, channels_last=False)
 
 
+# The one speed switch (--speed): each name resolved to NODEConfig's fine settings here and nowhere else. The fine
+# settings stay NODEConfig fields for experts (the Python API, or --node FIELD=VALUE on the command lines).
+#   reference  the reference computation itself: the paper's fp32 dopri5 through torchdiffeq
+#   default    NODEConfig's defaults: TF32 convs (PyTorch's own default on GPUs), nodekd's dopri5, and on a GPU
+#              noise-aware step control
+#   fastest    the fastest path measured: bf16 autocast, nodekd's dopri5, noise-aware control, and on a GPU the
+#              Triton norms and CUDA graphs (README, "Speed"); evidence on whether it changes the answer:
+#              docs/computation-study.md
+SPEEDS = ("reference", "default", "fastest")
+_SPEED_FIELDS = {
+    "reference": dict(precision="fp32", solver_impl="torchdiffeq", step_control="plain", norm_impl="torch",
+                      cuda_graphs=False),
+    "default": {},
+    "fastest": dict(precision="bf16", solver_impl="nodekd", step_control="noise-aware", norm_impl="triton",
+                    cuda_graphs=True),
+}
+SPEED_HELP = ("how students train: reference (the paper's fp32 dopri5 through torchdiffeq), default (TF32 convs, "
+              "nodekd's dopri5, noise-aware step control on a GPU) or fastest (bf16, nodekd's dopri5, noise-aware "
+              "control, on a GPU the Triton norms and CUDA graphs). Evidence on each: docs/computation-study.md")
+_GPU_ONLY_FIELDS = {"norm_impl": "torch", "cuda_graphs": False}   # what a CPU runs instead
+
+
+def speed_settings(speed: str, device_type: str = "cuda") -> dict:
+    """NODEConfig fields of a --speed name on a device of this type ("cuda" or "cpu")."""
+    check_choice("speed", speed, SPEEDS)
+    fields = dict(_SPEED_FIELDS[speed])
+    if device_type != "cuda" and fields:
+        fields.update(_GPU_ONLY_FIELDS)
+    return fields
+
+
+def parse_node_overrides(items) -> dict:
+    """--node FIELD=VALUE items -> NODEConfig fields, each value converted to its field's type. One-line
+    ConfigError for an unknown field or a value of the wrong type."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(NODEConfig)}
+    out = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep:
+            raise ConfigError("node", f"expected FIELD=VALUE, got {item!r}")
+        if name not in fields:
+            raise ConfigError("node", f"unknown field {name!r}; allowed: {', '.join(fields)}")
+        kind = type(getattr(NODEConfig(), name))
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1", "yes")
+            else:
+                value = kind(text)
+        except ValueError:
+            raise ConfigError(f"node.{name}", f"must be a {kind.__name__}, got {text!r}") from None
+        out[name] = value
+    return out
+
+
 def as_reference(model: nn.Module) -> nn.Module:
     """``model`` on the reference computation: a Neural ODE trained with speed settings is rebuilt with
     REFERENCE_COMPUTATION and the same weights (f's precision and norms are fixed when it is built, so a

@@ -56,11 +56,32 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+_SCHEME_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/?)(?!/)")
+
+
+def check_uri(root: str) -> None:
+    """Refuses a storage root that is a malformed URI instead of letting it become a local folder: ``s3:/b/x`` or
+    ``s3:b/x`` (a scheme without "//") and ``s3://`` without a bucket. One-line ConfigError naming the fix."""
+    if not root:
+        raise ConfigError("storage", "is empty; give a folder or a URI such as s3://bucket/prefix")
+    m = _SCHEME_LIKE.match(root)
+    if m and "://" not in root:
+        rest = root[m.end():]
+        raise ConfigError("storage", f"{redact(root)!r} looks like a URI without '//': write {m.group(1)}://{rest} "
+                                     f"(or ./{root} for a local folder of that name)")
+    if "://" in root:
+        parsed = urlparse(root)
+        if parsed.scheme not in ("file",) and not parsed.netloc:
+            raise ConfigError("storage", f"{redact(root)!r} names no bucket or host: write "
+                                         f"{parsed.scheme}://BUCKET/prefix")
+
+
 class Storage:
     """Paths and atomic file I/O inside one experiment folder (a local path or a URI)."""
 
     def __init__(self, root):
         root = os.fspath(root)
+        check_uri(root)
         self.scheme = urlparse(root).scheme if "://" in root else ""
         if not self.scheme or self.scheme == "file":
             path = urlparse(root).path if self.scheme else root

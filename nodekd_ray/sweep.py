@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from .attacks import (ATTACKS, AUDIT_ATTACKS, COMPUTATIONS, CROSS_TOLERANCE, NODE_ONLY, TRANSFER, AuditConfig,
                       attack_sweep)
@@ -42,7 +43,7 @@ from .devices import describe_device, placement_device
 from .errors import ConfigError, check_choice, check_range
 from .faults import InjectedFault, die_mid_write, fault
 from .kd import LOGIT_MODES, compute_logit_table, validate_kd
-from .models import RESNET_DEPTHS, NODEConfig, ODESolveError, checkpoint_state, load_checkpoint
+from .models import RESNET_DEPTHS, NODEConfig, ODESolveError, checkpoint_state, load_checkpoint, speed_settings
 from .results import _LATER_FIELDS, ATTACK_FILE_SCHEMA, ATTACK_SCHEMA  # noqa: F401 -- one declaration, results.py
 from .storage import Damaged, Storage
 from .train import StudentConfig, TeacherConfig, train_student, train_teacher
@@ -397,7 +398,11 @@ class Settings:
 def student_config(job: StudentJob, settings: Settings, **extra) -> StudentConfig:
     kw = dict(settings.student)
     node_fields = set(NODEConfig.__dataclass_fields__)
-    node = NODEConfig(**{k: kw.pop(k) for k in list(kw) if k in node_fields}, t1=job.t1)
+    node_kw = {k: kw.pop(k) for k in list(kw) if k in node_fields}
+    speed = kw.pop("speed", "default")       # --speed: resolved for the device the student trains on
+    device = extra.get("device", kw.get("device", "auto"))
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else str(device).split(":")[0]
+    node = NODEConfig(**{**speed_settings(speed, device_type), **node_kw}, t1=job.t1)
     try:
         return StudentConfig(dataset=job.dataset, seed=job.seed, node=node, kd=job.kd,
                              T=job.T if job.kd else 10.0, lam=job.lam if job.kd else 0.9,

@@ -4,6 +4,7 @@ rerun continues. Prints the best (lambda, T) and its test accuracy.
 
     python sweeps/search_lambda_T.py --dataset cifar10 --teacher resnet44 --num-samples 40
     python sweeps/search_lambda_T.py --dataset digits --smoke-test --num-samples 6
+    python sweeps/search_lambda_T.py --dataset digits --scale digits --dry-run     # the plan; starts nothing
 """
 import sys
 
@@ -15,12 +16,14 @@ except KeyboardInterrupt:
     sys.exit(print(f"{sys.argv[0]}: interrupted while starting; nothing was written", file=sys.stderr) or 130)
 
 if __name__ == "__main__":
-    ap = sweep_parser(__doc__, default_datasets=("cifar10",))
+    ap = sweep_parser(__doc__, default_datasets=("cifar10",), search=True)   # grid and attack flags: refused
     ap.add_argument("--teacher", default="resnet44", help="the teacher ResNet")
     ap.add_argument("--t1", type=float, default=1.0, help="the student's horizon")
     ap.add_argument("--num-samples", type=int, default=40, help="(lam, T) trials in the study, earlier runs included")
-    ap.add_argument("--lam-range", nargs=2, type=float, default=(0.0, 1.0))
-    ap.add_argument("--T-range", nargs=2, type=float, default=(1.0, 30.0))
+    ap.add_argument("--lam-range", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                    help="lambda is drawn from [LOW, HIGH] (default 0 1)")
+    ap.add_argument("--T-range", nargs=2, type=float, default=(1.0, 30.0), metavar=("LOW", "HIGH"),
+                    help="T is drawn from [LOW, HIGH] (default 1 30)")
     ap.add_argument("--grace-fraction", type=float, default=0.25,
                     help="ASHA grace period as a fraction of the students' epochs (max_t is all of them)")
     args = ap.parse_args()
@@ -37,7 +40,7 @@ if __name__ == "__main__":
                                               max_concurrent=args.max_concurrent).validate(),
                           lam_range=tuple(args.lam_range), T_range=tuple(args.T_range),
                           grace_fraction=args.grace_fraction,
-                          address=args.address, num_cpus=args.num_cpus)
+                          address=args.address, num_cpus=args.num_cpus, dry_run=args.dry_run)
     except ConfigError as e:
         print(f"search_lambda_T.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -48,6 +51,8 @@ if __name__ == "__main__":
         print("search_lambda_T.py: interrupted; finished trials and the study are kept: rerun to continue",
               file=sys.stderr)
         exit_now(130)
+    if best.get("dry_run"):
+        sys.exit(0)
     print(f"best: lam = {best['best_lam']:.3f}, T = {best['best_T']:.2f}, test accuracy "
           f"{100 * best['best_test_accuracy']:.2f}% over {best['trials']} full-length trials of {best['epochs']} "
           f"epochs ({best['pruned']} stopped early by ASHA; study {best['journal']})")

@@ -29,15 +29,15 @@ def bad_cases(tmp, teacher):
         (["train-teacher", "--dataset", "mnist"], "dataset"),
         (["train-teacher", "--dataset", "synthetic", "--model", "resnet18"], "model"),
         (["train-student", "--no-kd", "--dataset", "synthetic", "--solver", "rk45"], "solver"),
-        (["train-student", "--no-kd", "--dataset", "synthetic", "--solver", "rk4", "--solver-impl", "nodekd"],
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--solver", "rk4", "--node", "solver_impl=nodekd"],
          "solver_impl"),
-        (["train-student", "--no-kd", "--dataset", "synthetic", "--recompute", "--time-conv", "concat"], "recompute"),
-        (["train-student", "--no-kd", "--dataset", "synthetic", "--graph-inputs", "some"], "graph_inputs"),
-        (["train-student", "--no-kd", "--dataset", "synthetic", "--norm-impl", "cudnn"], "norm_impl"),
-        (["train-student", "--no-kd", "--dataset", "synthetic", "--precision", "bf16", "--step-control", "noise-aware",
-          "--solver-impl", "torchdiffeq"],
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--recompute", "--node", "time_conv=concat"], "recompute"),
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--node", "graph_inputs=some"], "graph_inputs"),
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--node", "norm_impl=cudnn"], "norm_impl"),
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--node", "precision=bf16", "--node",
+          "step_control=noise-aware", "--node", "solver_impl=torchdiffeq"],
          "step_control"),   # needs --solver-impl nodekd
-        (["train-student", "--no-kd", "--dataset", "synthetic", "--norm-impl", "triton", "--device", "cpu"],
+        (["train-student", "--no-kd", "--dataset", "synthetic", "--node", "norm_impl=triton", "--device", "cpu"],
          "norm_impl"),   # the Triton kernels run on CUDA devices only
         (["train-student", "--teacher", teacher, "--dataset", "synthetic", "--lam", "1.5"], "lam"),
         (["train-student", "--teacher", teacher, "--dataset", "synthetic", "--T", "0"], "T"),
@@ -115,7 +115,7 @@ def test_console_script_end_to_end(tmp_path):
     # --crop-padding 1: 18 views of each image for the views table instead of 162 (20,736 teacher forwards
     # took 20 s of this test)
     r = run("train-student", *common, "--teacher", t, "--epochs", "1", "--limit-train", "128", *SMALL,
-            "--logits-mode", "views", "--crop-padding", "1", "--solver-impl", "nodekd", "--recompute", "--out", s)
+            "--logits-mode", "views", "--crop-padding", "1", "--node", "solver_impl=nodekd", "--recompute", "--out", s)
     assert r.returncode == 0, r.stderr
     assert "nfe f/b" in r.stderr
     r = run("attack", *common, "--checkpoint", s, "--attack", "mifgsm", "--eps", "0,2/255,4/255", "--out", a)

@@ -208,22 +208,40 @@ def test_audit_solver_changes_work_on_a_student_trained_with_nodekd():
 
 
 def test_sweep_flags_reach_the_students_config():
-    """--solver-impl, --recompute and --step-control on a sweep script end up in every student's
-    NODEConfig."""
+    """--speed, --node FIELD=VALUE and --recompute on a sweep script end up in every student's NODEConfig, --speed
+    resolved for the device the student trains on; unknown fields and bad values are one-line errors."""
+    from nodekd_ray.errors import ConfigError
     from nodekd_ray.orchestration.entry import settings_from_args, sweep_parser
     from nodekd_ray.sweep import StudentJob, student_config
 
     ap = sweep_parser("t", default_scale="digits")
     job = StudentJob(dataset="digits", t1=10.0)
-    argv = ["--solver-impl", "nodekd", "--recompute", "--precision", "bf16", "--step-control",
-            "noise-aware"]
+    argv = ["--node", "solver_impl=nodekd", "--node", "recompute=true", "--node", "precision=bf16", "--node",
+            "step_control=noise-aware"]
     node = student_config(job, settings_from_args(ap.parse_args(argv))).node.validate()
     assert (node.solver_impl, node.recompute, node.precision, node.step_control, node.t1) == \
         ("nodekd", True, "bf16", "noise-aware", 10.0)
     node = student_config(job, settings_from_args(ap.parse_args([]))).node
-    assert (node.solver_impl, node.recompute, node.step_control) == ("auto", False, "auto")
-    with pytest.raises(SystemExit):
-        ap.parse_args(["--bf16-norms"])      # removed: measured slower than its baseline
+    assert (node.solver_impl, node.recompute, node.step_control, node.precision) == ("auto", False, "auto", "tf32")
+    settings = settings_from_args(ap.parse_args(["--speed", "fastest"]))
+    cpu = student_config(job, settings, device="cpu").node
+    gpu = student_config(job, settings, device="cuda:0").node
+    assert (cpu.precision, cpu.solver_impl, cpu.step_control, cpu.norm_impl, cpu.cuda_graphs) == \
+        ("bf16", "nodekd", "noise-aware", "torch", False)
+    assert (gpu.norm_impl, gpu.cuda_graphs) == ("triton", True)
+    ref = student_config(job, settings_from_args(ap.parse_args(["--speed", "reference"])), device="cuda").node
+    assert (ref.precision, ref.solver_impl, ref.step_control) == ("fp32", "torchdiffeq", "plain")
+    over = student_config(job, settings_from_args(ap.parse_args(["--speed", "fastest", "--node", "precision=tf32"])),
+                          device="cpu").node
+    assert (over.precision, over.solver_impl) == ("tf32", "nodekd")      # --node on top of --speed
+    for bad, field in ((["--node", "precison=bf16"], "node"), (["--node", "recompute=maybe"], "node.recompute"),
+                       (["--node", "rtol"], "node")):
+        with pytest.raises(ConfigError) as e:
+            settings_from_args(ap.parse_args(bad))
+        assert e.value.field == field
+    for removed in (["--bf16-norms"], ["--precision", "bf16"], ["--solver-impl", "nodekd"]):
+        with pytest.raises(SystemExit):
+            ap.parse_args(removed)      # one switch (--speed); the fine settings through --node
 
 
 def test_bench_solver_smoke_runs():

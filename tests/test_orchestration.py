@@ -176,10 +176,13 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(s3):
 @pytest.mark.parametrize("args, field", [
     (["--teachers", "resnet21"], "teacher"), (["--temperatures", "0"], "T"), (["--lam", "1.5"], "lam"),
     (["--horizons", "-1"], "horizon"), (["--dataset", "mnist"], "dataset"), (["--limit-train", "0"], "limit_train"),
-    (["--step-control", "noise-aware", "--precision", "bf16", "--solver-impl", "torchdiffeq"], "step_control"),
+    (["--node", "step_control=noise-aware", "--node", "precision=bf16", "--node", "solver_impl=torchdiffeq"],
+     "step_control"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent/data", "--smoke-test", "--num-cpus", "2"], "data"),
-    (["--dataset", "digits", "--smoke-test", "--num-cpus", "2", "--norm-impl", "triton", "--gpus-per-trial", "0"],
+    (["--dataset", "digits", "--smoke-test", "--num-cpus", "2", "--node", "norm_impl=triton", "--gpus-per-trial", "0"],
      "norm_impl"),   # triton kernels, trials without a GPU: refused once Ray says what the trials get
+    (["--storage", "s3:/bucket/x"], "storage"),     # a URI without '//' would have become a local folder "s3:"
+    (["--storage", "s3://"], "storage"),
 ])
 def test_a_bad_grid_is_refused_before_any_trial(tmp_path, args, field):
     store = tmp_path / "never"
@@ -191,6 +194,24 @@ def test_a_bad_grid_is_refused_before_any_trial(tmp_path, args, field):
     if field not in ("data", "norm_impl"):  # refused before Ray starts: nothing else on stderr either
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not store.exists()
+
+
+def test_the_search_honours_dry_run_and_refuses_flags_it_would_not_use(tmp_path):
+    """search_lambda_T.py --dry-run prints its plan and starts nothing (no storage folder, no Ray); a sweep flag
+    the search does not read (--temperatures: it searches T) is refused, not ignored."""
+    script = os.path.join(ROOT, "sweeps", "search_lambda_T.py")
+    store = tmp_path / "store"
+    r = subprocess.run([sys.executable, script, "--dataset", "digits", "--scale", "digits", "--dry-run", "--storage",
+                        str(store), "--num-samples", "7"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "plan: lam/T search of resnet44 on digits" in r.stdout and "7 trials in all" in r.stdout
+    assert "a new study" in r.stdout and not store.exists()
+    r = subprocess.run([sys.executable, script, "--temperatures", "3", "--dry-run"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "unrecognized arguments: --temperatures 3" in r.stderr
+    r = subprocess.run([sys.executable, script, "--dry-run", "--storage", "gs:bucket"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "storage: 'gs:bucket' looks like a URI without '//'" in r.stderr
 
 
 @pytest.mark.slow

@@ -8,93 +8,108 @@ import sys
 
 from ..data import DATASETS
 from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
+from ..models import parse_node_overrides
 from ..sweep import SCALES, Settings, SweepSpec, expected_cost, job_config, list_schedule, plan
 from .driver import Resources, exit_now, gpu_node_cpus_per_gpu, run_sweep, stages
 
 
-def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default_scale="paper") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--dataset", nargs="+", default=None, metavar="NAME",
-                    help=f"data sets, from {', '.join(DATASETS)} (default: the sweep's own, "
-                         f"{' '.join(default_datasets)}; Table 3 is CIFAR10 only)")
-    ap.add_argument("--smoke-test", action="store_true",
-                    help="tiny models (NODE width 16), 5 teacher / 3 student epochs, 1024 training and 64 "
-                         "attacked images, eps 0,4,..,20/255 (the same as --scale smoke)")
-    ap.add_argument("--scale", default=default_scale, choices=tuple(SCALES),
-                    help="settings preset: paper (the paper's recipe), digits (students that learn on digits on a "
-                         "CPU: width 32, Adam, reduced-strength audit attacks), demo (digits cut to ~10 minutes), "
-                         "smoke (plumbing only); see nodekd_ray/sweep.py")
-    ap.add_argument("--storage", default=os.environ.get("NODEKD_STORAGE"),
-                    help="experiment folder: a local path, a shared mount, or a URI (s3://bucket/prefix, "
-                         "gs://..., file://...); default $NODEKD_STORAGE, else runs/nodekd, or runs/nodekd-smoke "
-                         "with --smoke-test")
-    ap.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --storage")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per trial (default: the sweep's own, 1; the audit 3)")
-    ap.add_argument("--teachers", nargs="+", default=None, metavar="ARCH", help="override the sweep's teachers")
-    ap.add_argument("--temperatures", nargs="+", type=float, default=None, metavar="T", help="override T")
-    ap.add_argument("--horizons", nargs="+", type=float, default=None, metavar="T1", help="override the KD horizons")
-    ap.add_argument("--baseline-horizons", nargs="+", type=float, default=None, metavar="T1",
-                    help="override the horizons of the no-KD NODE baselines")
-    ap.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
-                    help="override the sweep's attacks (paper: pgd mifgsm; audit attacks: see nodekd_ray/attacks.py)")
-    ap.add_argument("--lam", type=float, default=0.9, help="KD weight lambda (paper 0.9)")
-    ap.add_argument("--logits-mode", default="paper", help="paper, views or online (see nodekd_ray.kd)")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs for teachers and students (default: paper)")
-    ap.add_argument("--width", type=int, default=None, help="NODE width (default: paper, 512)")
-    ap.add_argument("--precision", default=None, choices=("fp32", "tf32", "bf16"),
-                    help="students' ODE-function convolutions (default: tf32, PyTorch's own for cuDNN convs; "
-                         "the ODE state, solver and loss stay fp32)")
-    ap.add_argument("--solver-impl", default=None, choices=("auto", "torchdiffeq", "nodekd"),
-                    help="students' dopri5: auto (default: nodekd_ray/speed/dopri5.py's where it applies, the same steps "
-                         "with fewer device operations; else torchdiffeq's), torchdiffeq, or nodekd")
-    ap.add_argument("--step-control", default=None, choices=("auto", "plain", "noise-aware"),
-                    help="students' dopri5 step control: auto (default: noise-aware on a GPU where it applies, else "
-                         "plain), plain (torchdiffeq's), or noise-aware (with the nodekd solver and --precision "
-                         "tf32/bf16: the rounding noise of f's precision, measured against fp32, does not shrink "
-                         "the steps)")
-    ap.add_argument("--recompute", action="store_true", default=None,
-                    help="students recompute f's GroupNorm + ReLU in the backward: about half the activation "
-                         "memory per NFE, for one more GroupNorm pass per layer")
-    ap.add_argument("--cuda-graphs", action="store_true", default=None,
-                    help="students replay a training solve's evaluations of f from CUDA graphs (nodekd solver; GPUs "
-                         "only; nodekd_ray/speed/cuda_graphs.py)")
-    ap.add_argument("--norm-impl", default=None, choices=("torch", "triton"),
-                    help="students' GroupNorm + ReLU: PyTorch's ops (default), or nodekd_ray/speed/fused_norm.py's "
-                         "Triton kernels (GPUs only: one kernel each way, no casts around it under bf16)")
-    ap.add_argument("--eval-as-trained", action="store_true",
-                    help="attacks and their clean pass compute with the students' training settings (precision, "
-                         "dopri5 implementation and step control, norms, graphs) instead of the reference "
-                         "computation (fp32 IEEE, torchdiffeq's dopri5, plain step control); rows record which")
-    ap.add_argument("--limit-train", type=int, default=None, metavar="N",
-                    help="teachers and students train on the first N training images (default: all; "
-                         "--smoke-test 1024): a quick run, not the paper's")
-    ap.add_argument("--limit-test", type=int, default=None, metavar="N",
-                    help="clean accuracy on the first N test images (default: all; --smoke-test 256); "
-                         "attacks take theirs from --attack-images")
-    ap.add_argument("--attack-images", type=int, default=None, help="test images attacked (default 1000)")
-    ap.add_argument("--data-root", default=os.environ.get("NODEKD_DATA_ROOT", "data"),
-                    help="where cifar10/svhn live (default $NODEKD_DATA_ROOT, else data)")
-    ap.add_argument("--download", action="store_true", help="download missing cifar10/svhn files")
-    ap.add_argument("--cpus-per-trial", type=float, default=None,
-                    help="CPUs each trial, logits and attack job asks for (default: auto, a GPU node's CPUs per "
-                         "GPU for a job holding GPUs, e.g. 8 on a g5.2xlarge: Ray caps a job's threads at its CPUs; "
-                         "1 for a CPU job)")
-    ap.add_argument("--gpus-per-trial", type=float, default=None,
-                    help="GPUs each trial, logits and attack job asks for; may be fractional. Default: 1 on a "
-                         "cluster (also before a GPU node is up: the autoscaler starts one), else 1 if this "
-                         "machine has a GPU; 0 runs on CPUs")
-    ap.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint")
-    ap.add_argument("--attack-retries", type=int, default=2, help="retries of an attack task whose worker died")
-    ap.add_argument("--max-concurrent", type=int, default=0, help="cap on trials at once (0: no cap)")
-    ap.add_argument("--address", default=None, help="Ray cluster address; 'local' starts a fresh local instance (default: join a running cluster, else local)")
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="print the planned jobs (stage order, epochs, resource requests, expected cost) and an "
-                         "estimate of GPU idle time on --plan-gpus GPUs; start nothing")
-    ap.add_argument("--plan-gpus", type=int, default=8, help="GPUs assumed by --dry-run's schedule estimate")
-    ap.add_argument("--costs", nargs="+", default=None, metavar="FILE",
-                    help="--dry-run: measured costs (benchmarks/bench_student.py --out, `nodekd costs`) that turn "
-                         "the plan into GPU-hours and a makespan on --plan-gpus GPUs (see nodekd_ray/costs.py)")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default also prints the usage)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default_scale="paper", *,
+                 search: bool = False) -> argparse.ArgumentParser:
+    """Every sweep script's command line, in groups. search: the λ/T search's, without the grid's and the
+    attacks' flags (it searches λ and T, trains one seed, and attacks nothing): a flag it would not use is
+    refused by argparse, not ignored."""
+    from .._version import version_line
+    from ..models import SPEED_HELP, SPEEDS
+
+    ap = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=version_line())
+    g = ap.add_argument_group("what to run")
+    g.add_argument("--dataset", nargs="+", default=None, metavar="NAME",
+                   help=f"data sets, from {', '.join(DATASETS)} (default: the sweep's own, "
+                        f"{' '.join(default_datasets)}; Table 3 is CIFAR10 only)")
+    g.add_argument("--scale", default=default_scale, choices=tuple(SCALES),
+                   help=f"settings preset (default {default_scale}): paper (the paper's recipe), digits (students "
+                        "that learn on digits on a CPU: width 32, Adam, reduced-strength audit attacks), demo (digits "
+                        "cut to ~10 minutes), smoke (plumbing only); see nodekd_ray/sweep.py")
+    g.add_argument("--smoke-test", action="store_true", help="the same as --scale smoke: tiny models, seconds")
+    if not search:
+        g.add_argument("--seeds", type=int, default=None, help="seeds per trial (default: the sweep's own: 1; the "
+                                                               "audit 3)")
+        g.add_argument("--teachers", nargs="+", default=None, metavar="ARCH", help="override the sweep's teachers")
+        g.add_argument("--temperatures", nargs="+", type=float, default=None, metavar="T", help="override T")
+        g.add_argument("--horizons", nargs="+", type=float, default=None, metavar="T1",
+                       help="override the KD horizons")
+        g.add_argument("--baseline-horizons", nargs="+", type=float, default=None, metavar="T1",
+                       help="override the horizons of the no-KD NODE baselines")
+        g.add_argument("--lam", type=float, default=0.9, help="KD weight lambda (default: the paper's 0.9)")
+    g.add_argument("--logits-mode", default="paper", help="paper (default), views or online (see nodekd_ray/kd.py)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the settings and the storage, print the plan, start nothing")
+
+    t = ap.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=None, help="epochs for teachers and students (default: the scale's; "
+                                                            "paper: the paper's)")
+    t.add_argument("--width", type=int, default=None, help="NODE width (default: the scale's; paper: 512)")
+    t.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="teachers and students train on the first N training images (default: all)")
+    t.add_argument("--limit-test", type=int, default=None, metavar="N",
+                   help="clean accuracy on the first N test images (default: all)")
+    t.add_argument("--speed", default=None, choices=SPEEDS, help=SPEED_HELP + " (default: default)")
+    t.add_argument("--node", action="append", default=None, metavar="FIELD=VALUE",
+                   help="expert: set one NODEConfig field of every student on top of --speed (e.g. precision=bf16, "
+                        "recompute=true); repeatable; see nodekd_ray/models.py, NODEConfig")
+
+    if not search:
+        a = ap.add_argument_group("attacks")
+        a.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
+                       help="override the sweep's attacks (paper: pgd mifgsm; audit attacks: nodekd_ray/attacks.py)")
+        a.add_argument("--attack-images", type=int, default=None, help="test images attacked (default: the "
+                                                                        "scale's; paper: 1000)")
+        a.add_argument("--eval-as-trained", action="store_true",
+                       help="attacks and their clean pass compute with the students' training settings instead of "
+                            "the reference computation (fp32 IEEE, torchdiffeq's dopri5, plain step control); rows "
+                            "record which")
+
+    d = ap.add_argument_group("data and results")
+    d.add_argument("--storage", default=os.environ.get("NODEKD_STORAGE"),
+                   help="experiment folder: a local path, a shared mount, or a URI (s3://bucket/prefix, gs://..., "
+                        "file://...); default $NODEKD_STORAGE, else runs/nodekd (runs/nodekd-SCALE for other scales)")
+    if not search:
+        d.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --storage")
+    d.add_argument("--data-root", default=os.environ.get("NODEKD_DATA_ROOT", "data"),
+                   help="where cifar10/svhn live (default $NODEKD_DATA_ROOT, else data)")
+    d.add_argument("--download", action="store_true", help="download missing cifar10/svhn files")
+
+    r = ap.add_argument_group("cluster and resources")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster address; 'local' starts a fresh local instance (default: join a running "
+                        "cluster, else local)")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
+    r.add_argument("--cpus-per-trial", type=float, default=None,
+                   help="CPUs each trial, logits and attack job asks for (default: auto, a GPU node's CPUs per "
+                        "GPU for a job holding GPUs, e.g. 8 on a g5.2xlarge: Ray caps a job's threads at its CPUs; "
+                        "1 for a CPU job)")
+    r.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs each trial, logits and attack job asks for; may be fractional. Default: 1 on a "
+                        "cluster (also before a GPU node is up: the autoscaler starts one), else 1 if this "
+                        "machine has a GPU; 0 runs on CPUs")
+    r.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint "
+                                                                "(default 2)")
+    if not search:
+        r.add_argument("--attack-retries", type=int, default=2, help="retries of an attack task whose worker died "
+                                                                      "(default 2)")
+    r.add_argument("--max-concurrent", type=int, default=0, help="cap on trials at once (default 0: no cap)")
+    if not search:
+        r.add_argument("--plan-gpus", type=int, default=8, help="GPUs assumed by --dry-run's schedule estimate "
+                                                                 "(default 8)")
+        r.add_argument("--costs", nargs="+", default=None, metavar="FILE",
+                       help="--dry-run: measured costs (benchmarks/bench_student.py --out, `nodekd costs`) that "
+                            "turn the plan into GPU-hours and a makespan on --plan-gpus GPUs (nodekd_ray/costs.py)")
     return ap
 
 
@@ -111,6 +126,14 @@ def check_job_storage(storage: str) -> None:
                                      "mount or a URI (s3://bucket/prefix), or set NODEKD_STORAGE on the cluster")
 
 
+def check_storage(storage: str) -> None:
+    """--dry-run's storage check: a malformed URI, an unreachable bucket or a folder that cannot be written is
+    a one-line ConfigError before anything starts; nothing is left behind (storage.Storage.check_writable)."""
+    from ..storage import Storage
+
+    Storage(storage).check_writable()
+
+
 def settings_from_args(args) -> Settings:
     scale = SCALES[scale_of(args)]
     teacher, student = dict(scale.get("teacher", {})), dict(scale.get("student", {}))
@@ -124,19 +147,11 @@ def settings_from_args(args) -> Settings:
                 d[name] = getattr(args, name)
     if args.width is not None:
         student["width"] = args.width
-    if getattr(args, "precision", None) is not None:
-        student["precision"] = args.precision
-    if getattr(args, "recompute", None):
-        student["recompute"] = True
-    if getattr(args, "cuda_graphs", None):
-        student["cuda_graphs"] = True
-    if getattr(args, "solver_impl", None) is not None:
-        student["solver_impl"] = args.solver_impl
-    if getattr(args, "norm_impl", None) is not None:
-        student["norm_impl"] = args.norm_impl
-    if getattr(args, "step_control", None) is not None:
-        student["step_control"] = args.step_control
-    if args.attack_images is not None:
+    if getattr(args, "speed", None) not in (None, "default"):
+        student["speed"] = args.speed             # resolved per device in sweep.student_config
+    if getattr(args, "node", None):
+        student.update(parse_node_overrides(args.node))
+    if getattr(args, "attack_images", None) is not None:
         attack_images = args.attack_images
     return Settings(teacher=teacher, student=student, attack_images=attack_images, audit=dict(scale.get("audit", {})),
                     eval_computation="as-trained" if getattr(args, "eval_as_trained", False) else "reference")
@@ -194,6 +209,7 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
             scale_of(args), f"runs/nodekd-{scale_of(args)}")
         check_job_storage(storage)
         if args.dry_run:
+            check_storage(storage)
             costs = None
             if args.costs:
                 from ..costs import load_costs

@@ -120,12 +120,14 @@ def pruning_searcher(full_length: int, **kw):
 
 def run_search(*, dataset: str, teacher: str, t1: float, logits_mode: str, num_samples: int, settings: Settings,
                storage_root: str, resources: Resources, lam_range=(0.0, 1.0), T_range=(1.0, 30.0),
-               grace_fraction: float = GRACE_FRACTION, address=None, num_cpus=None, log=print) -> dict:
+               grace_fraction: float = GRACE_FRACTION, address=None, num_cpus=None, log=print,
+               dry_run: bool = False) -> dict:
     """Optuna TPE over (lam, T) through Ray Tune's OptunaSearch, with ASHA early stopping.
 
     The Optuna study lives in STORAGE/optuna.journal (a file journal), so a rerun continues it:
     TPE sees every earlier trial (finished or pruned) and only the missing samples run. Returns
-    the best (lam, T) among full-length trials.
+    the best (lam, T) among full-length trials. dry_run: check the settings and the storage, log the plan,
+    return it ({"dry_run": True, ...}) and start nothing.
     """
     if num_samples < 1:
         raise ConfigError("num_samples", f"must be >= 1, got {num_samples}")
@@ -135,9 +137,22 @@ def run_search(*, dataset: str, teacher: str, t1: float, logits_mode: str, num_s
         raise ConfigError("T_range", f"need 0 < low < high < inf, got {T_range}")
     probe = StudentJob(dataset, float(t1), 0, teacher, 10.0, 0.9, logits_mode)
     epochs = student_config(probe, settings).resolved_epochs()
-    scheduler = search_scheduler(epochs, grace_fraction)
     storage = Storage(storage_root)
     storage.check_writable()
+    if dry_run:
+        grace = grace_period(epochs, grace_fraction)
+        journal = storage.path("optuna.journal")
+        plan = {"dry_run": True, "teacher": teacher, "dataset": dataset, "t1": t1, "num_samples": num_samples,
+                "epochs": epochs, "grace_period": grace, "lam_range": tuple(lam_range), "T_range": tuple(T_range),
+                "journal": storage.url(journal), "journal_exists": storage.exists(journal)}
+        log(f"plan: lam/T search of {teacher} on {dataset}, NODE({t1:g}) students of {epochs} epochs, "
+            f"{num_samples} trials in all (earlier runs' included: "
+            f"{'the study in ' + plan['journal'] + ' continues' if plan['journal_exists'] else 'a new study'}), "
+            f"lam in [{lam_range[0]:g}, {lam_range[1]:g}], T in [{T_range[0]:g}, {T_range[1]:g}], ASHA from epoch "
+            f"{grace} (reduction factor {REDUCTION_FACTOR}); the teacher first unless done. --dry-run: nothing "
+            "is started")
+        return plan
+    scheduler = search_scheduler(epochs, grace_fraction)
     with StorageLock(storage, f"lam/T search of {teacher} on {dataset}", log=log):
         return _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_root, resources, lam_range,
                        T_range, grace_fraction, address, num_cpus, log, probe, epochs, scheduler)
