@@ -10,7 +10,7 @@ Two measurements, PyTorch's norms (the baseline) against the Triton kernels in t
      On a CPU the bf16 count is a lower bound of the difference: CPU autocast keeps group_norm in
      bf16, so the casts that CUDA's autocast puts around each norm appear only in a GPU's count. An ATen GroupNorm launches
      several CUDA kernels (statistics, fused parameters, the normalisation; more in its backward),
-     which only a GPU profile shows (benchmarks/probe_conv.py).
+     which only a GPU profile shows (benchmarks/probes/probe_conv.py).
   2. time (a GPU only): GroupNorm + ReLU forward and backward on f's state, (batch, 512, 8, 8):
        fp32        F.group_norm + F.relu on fp32 against the kernel, fp32 in and out;
        bf16        what f runs under CUDA's autocast (the bf16 conv output cast up, group_norm and

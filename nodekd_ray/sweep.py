@@ -757,7 +757,7 @@ def _attack_table_problem(where, data, model_key=None, eps_255=None, model_sha=N
     try:   # the plain file reader, one thread: pq.read_table's dataset scanner leaves work on Arrow's threads
         # after it returns, and a process that exits soon after can abort in teardown ("terminate called
         # without an active exception", apache/arrow#34314): `nodekd verify` did in 2 of 60 runs beside three busy
-        # processes on 2 cores, 0 of 100 with this reader; benchmarks/arrow_exit_abort.py: 11 of 30 against 0 of 30
+        # processes on 2 cores, 0 of 100 with this reader; benchmarks/probes/arrow_exit_abort.py: 11 of 30 against 0 of 30
         table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
     except Exception as e:  # noqa: BLE001 - ArrowInvalid on truncated files, OSError
         return None, str(Damaged("attack file", where, f"not readable Parquet ({len(data)} bytes): "

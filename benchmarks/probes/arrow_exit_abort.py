@@ -4,7 +4,7 @@ nodekd_ray.sweep uses. Each child reads 12 small files from bytes, the reader a 
 library, and exits, with busy processes beside it (the abort needs a loaded machine: `nodekd verify`
 aborted in none of 40 idle runs, in 2 of 60 beside three busy processes).
 
-    .venv/bin/python benchmarks/arrow_exit_abort.py --runs 60 --busy 3
+    .venv/bin/python benchmarks/probes/arrow_exit_abort.py --runs 60 --busy 3
 
 Prints, per reader, the aborted runs out of --runs. Not a test: the rate depends on load and timing.
 """

@@ -5,7 +5,7 @@ state and the first conv's weight, with cuDNN's fp32 mode as f sets it ("as is")
 to TF32 before the backward pass (f's backward resets it to its own: "after" shows what is left),
 with cuDNN off (PyTorch's own convolutions), and GroupNorm's backward alone.
 
-    python benchmarks/fp32_gradients.py      # GPU only; results/h100-2026-11-24/fp32_gradients.txt
+    python benchmarks/probes/fp32_gradients.py      # GPU only; results/h100-2026-11-24/fp32_gradients.txt
 """
 import copy
 

@@ -5,7 +5,7 @@ state (batch 128, 8x8), and the ODE function f, forward and forward+backward, fo
 TFLOP/s timed with CUDA events (median of --reps). Then a profile of one bf16 training step of the
 student: GPU kernel time against wall time (launch-bound if the GPU idles), and the top kernels.
 
-    python benchmarks/probe_conv.py          # GPU only
+    python benchmarks/probes/probe_conv.py          # GPU only
 """
 import argparse
 import statistics
