@@ -4,6 +4,7 @@ subprocess (its own local Ray instance, exit code, stdout)."""
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,9 @@ def test_tiny_grid_end_to_end_with_faults(s3, tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-3000:]
     assert f"FAILED trial {kd10}: ODESolveError" in out and f"FAILED attack {killed}" in out
+    # one progress line per stage event instead of Tune's status tables; the failed trial is counted
+    assert re.search(r"figure1-students: \d+/\d+ done, \d+ running, 1 failed; \d+/\d+ epochs", out), out[-3000:]
+    assert "Trial status" not in out
 
     # the retried trial resumed from its epoch-1 checkpoint, kept on S3, and finished
     rec = st.read_record(kd3)
@@ -394,3 +398,24 @@ def test_resume_after_a_stop_before_tune_saved_its_experiment_state(tmp_path):
     assert r.returncode == 0, out[-3000:]
     assert "figure1-students: the Tune experiment in" in out and "saved no state" in out
     assert st.read_record(kd)["status"] == "done" and os.path.isdir(exp + "-2")
+
+
+def test_the_stage_progress_line_counts_and_estimates():
+    """stage_progress: counts, epochs and an ETA from the measured rate, printed on starts, completions and
+    failures, and at most every every_s seconds as epochs come in."""
+    from types import SimpleNamespace
+
+    from nodekd_ray.orchestration.driver import stage_progress
+
+    lines = []
+    cb = stage_progress("students", {"a": 4, "b": 4, "c": 2}, lines.append, every_s=3600)
+    trial = {k: SimpleNamespace(config={"job": {"key": k}}) for k in "abc"}
+    cb.on_trial_start(0, [], trial["a"])
+    assert lines[-1] == "students: 0/3 done, 1 running, 0 failed; 0/10 epochs; ETA after the first epoch"
+    cb.t0 -= 100                                  # 100 s have passed
+    cb.on_trial_result(0, [], trial["a"], {"epoch": 2})
+    assert len(lines) == 1                        # within every_s: no line for a result
+    cb.on_trial_complete(0, [], trial["a"])       # a: 4 epochs in 100 s, 6 left: 150 s
+    assert lines[-1] == "students: 1/3 done, 0 running, 0 failed; 4/10 epochs; about 2m30s left"
+    cb.on_trial_error(0, [], trial["c"])
+    assert lines[-1].startswith("students: 1/3 done, 0 running, 1 failed; 4/10 epochs")

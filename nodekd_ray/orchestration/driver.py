@@ -44,7 +44,7 @@ from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
 from ..faults import ENV as FAULTS_ENV
 from ..lock import StorageLock
 from ..storage import Damaged
-from ..sweep import (AttackJob, Settings, Storage, StudentJob, TeacherJob, attack_problem, logit_table,
+from ..sweep import (AttackJob, Settings, Storage, StudentJob, TeacherJob, attack_problem, job_config, logit_table,
                      longest_first, plan, run_attack, run_training)
 
 FORWARDED_ENV = (FAULTS_ENV, LOGICAL_GPUS_ENV)   # reach every Ray worker through runtime_env
@@ -602,6 +602,75 @@ def _experiments(storage: Storage, name: str) -> list[str]:
         k += 1
 
 
+def stage_progress(name: str, epochs: dict, log, every_s: float = 30.0):
+    """A Tune callback that prints one progress line for a stage instead of Tune's status tables.
+
+    The line comes when a trial starts, finishes or fails, and at most every ``every_s`` seconds as epochs come
+    in. It gives counts, epochs done out of the stage's total, and an ETA from the measured rate:
+    ``students: 12/60 done, 3 running, 0 failed; 410/1200 epochs; about 2h10m left``. epochs: job key -> the
+    job's epochs."""
+    from ray.tune import Callback
+
+    class StageProgress(Callback):
+        def __init__(self):
+            self.t0 = time.perf_counter()
+            self.last = 0.0
+            self.done, self.failed, self.running, self.epoch = set(), set(), set(), {}
+
+        def _line(self, force=False):
+            now = time.perf_counter()
+            if not force and now - self.last < every_s:
+                return
+            self.last = now
+            total = sum(epochs.values()) or 1
+            did = sum(self.epoch.get(k, 0) for k in epochs)
+            # epochs finished before this run (a resumed stage) do not count towards the rate
+            rate = (did - self.start_epochs) / max(now - self.t0, 1e-9)
+            eta = (total - did) / rate if rate > 0 else None
+            log(f"{name}: {len(self.done)}/{len(epochs)} done, {len(self.running)} running, {len(self.failed)} failed; "
+                f"{did}/{total} epochs; " + (f"about {_duration(eta)} left" if eta is not None else "ETA after the "
+                                                                                                    "first epoch"))
+
+        start_epochs = 0
+
+        @staticmethod
+        def _key(trial):
+            return ((trial.config or {}).get("job") or {}).get("key")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(self._key(trial))
+            self._line(force=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.epoch[self._key(trial)] = int(result.get("epoch", 0))
+            self._line()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            k = self._key(trial)
+            self.running.discard(k)
+            self.done.add(k)
+            self.epoch[k] = epochs.get(k, self.epoch.get(k, 0))
+            self._line(force=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            k = self._key(trial)
+            self.running.discard(k)
+            self.failed.add(k)
+            self._line(force=True)
+
+    return StageProgress()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 90:
+        return f"{s}s"
+    m = s // 60
+    if m < 10:
+        return f"{m}m{s % 60:02d}s"
+    return f"{m}m" if m < 90 else f"{m // 60}h{m % 60:02d}m"
+
+
 def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> None:
     """Runs the stage's unfinished jobs as Tune trials.
 
@@ -624,7 +693,7 @@ def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> Non
     if todo and resume and existing and _restorable(storage, existing[-1]) \
             and tune.Tuner.can_restore(existing[-1], storage_filesystem=fs):
         log(f"{name}: resuming the Tune experiment in {storage.url(existing[-1])}")
-        try:
+        try:   # a restored Tuner keeps its saved run config: Tune's own verbosity, not our progress line
             tuner = tune.Tuner.restore(existing[-1], trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, storage_filesystem=fs)
         except Exception as e:  # noqa: BLE001 - Tune's own state is damaged; our records decide what is done
@@ -651,9 +720,15 @@ def _tune_stage(name, jobs, storage, resources, res, resume, params, log) -> Non
             name=exp, storage_path=storage.path("tune"), storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=1),
+            verbose=0, callbacks=[stage_progress(name, _epochs(todo, params["settings"]), log)]),
     )
     _fit(tuner, name, todo, storage, log)
+
+
+def _epochs(jobs, settings: dict) -> dict:
+    """job key -> its epochs, for the progress line."""
+    s = Settings(**settings)
+    return {j.key: job_config(j, s).resolved_epochs() for j in jobs}
 
 
 def _restorable(storage: Storage, experiment: str) -> bool:
