@@ -11,7 +11,7 @@ import sys
 try:  # Ctrl-C while torch and Ray load: one line, exit 130
     from nodekd_ray.errors import ConfigError
     from nodekd_ray.orchestration import Resources, SweepFailed, exit_now, run_search, settings_from_args, sweep_parser
-    from nodekd_ray.orchestration.entry import check_job_storage
+    from nodekd_ray.orchestration.entry import check_job_storage, config_yaml, parse_sweep_args
 except KeyboardInterrupt:
     sys.exit(print(f"{sys.argv[0]}: interrupted while starting; nothing was written", file=sys.stderr) or 130)
 
@@ -26,8 +26,10 @@ if __name__ == "__main__":
                     help="T is drawn from [LOW, HIGH] (default 1 30)")
     ap.add_argument("--grace-fraction", type=float, default=0.25,
                     help="ASHA grace period as a fraction of the students' epochs (max_t is all of them)")
-    args = ap.parse_args()
     try:
+        args = parse_sweep_args(ap, None, ["search"])
+        if args.print_config:
+            sys.exit(print(config_yaml(args, ap, ["search"]), end="") or 0)
         args.dataset = args.dataset or ["cifar10"]
         if len(args.dataset) != 1:
             raise ConfigError("dataset", "the search takes one data set")

@@ -28,6 +28,13 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
 
     ap = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=version_line())
+    c = ap.add_argument_group("configuration file")
+    c.add_argument("--config", metavar="FILE.yaml",
+                   help="options from a YAML file (keys: these options' names, e.g. temperatures: [3, 10]); flags "
+                        "given on the command line override it. Examples: configs/")
+    c.add_argument("--print-config", action="store_true",
+                   help="print the options in effect (file, then flags) as YAML, a file --config reads back, with "
+                        "the grid they make; start nothing")
     g = ap.add_argument_group("what to run")
     g.add_argument("--dataset", nargs="+", default=None, metavar="NAME",
                    help=f"data sets, from {', '.join(DATASETS)} (default: the sweep's own, "
@@ -193,16 +200,105 @@ def apply_args(spec: SweepSpec, args) -> SweepSpec:
     return dataclasses.replace(spec, **kw)
 
 
+# options that are about this invocation, not about the sweep: never read from or printed into a config file
+_NOT_CONFIG = ("help", "version", "config", "print_config", "dry_run")
+
+
+def _config_options(ap) -> dict:
+    return {a.dest: a for a in ap._actions if a.dest not in _NOT_CONFIG and a.option_strings}
+
+
+def read_config(path: str, ap, sweep_names) -> dict:
+    """A --config file's options, checked against the parser: unknown keys, wrong types and values outside an
+    option's choices are one-line ConfigErrors naming the key. ``sweep``, when given, must name this script's
+    sweep."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError("config", f"cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("config", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must be a mapping of option: value, got {type(data).__name__}")
+    options = _config_options(ap)
+    sweep = data.pop("sweep", None)
+    if sweep is not None and sweep not in sweep_names:
+        raise ConfigError("config", f"{path} is for the {sweep!r} sweep; this script runs {'+'.join(sweep_names)}")
+    out = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in options:
+            raise ConfigError(f"config.{key}", f"unknown option; allowed: {', '.join(sorted(options))}")
+        a = options[dest]
+        if value is None:           # null: the option's own default (what --print-config writes for it)
+            out[dest] = a.default
+            continue
+        many = a.nargs in ("+", "*") or isinstance(a, argparse._AppendAction)
+        values = value if isinstance(value, list) else [value]
+        if not many and isinstance(value, list):
+            raise ConfigError(f"config.{key}", f"takes one value, got a list: {value}")
+        if isinstance(a, (argparse._StoreTrueAction,)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"config.{key}", f"must be true or false, got {value!r}")
+            out[dest] = value
+            continue
+        try:
+            conv = [a.type(v) if a.type is not None and v is not None else (str(v) if v is not None else None)
+                    for v in values]
+        except (TypeError, ValueError):
+            raise ConfigError(f"config.{key}", f"must be {getattr(a.type, '__name__', 'a string')} values, got "
+                                               f"{value!r}") from None
+        for v in conv:
+            if a.choices is not None and v not in a.choices:
+                raise ConfigError(f"config.{key}", f"must be one of {', '.join(map(str, a.choices))}, got {v!r}")
+        out[dest] = conv if many else conv[0]
+    return out
+
+
+def parse_sweep_args(ap, argv, sweep_names):
+    """The command line over the --config file over the parser's defaults."""
+    first, _ = ap.parse_known_args(argv)
+    if first.config:
+        ap.set_defaults(**read_config(first.config, ap, sweep_names))
+    return ap.parse_args(argv)
+
+
+def config_yaml(args, ap, sweep_names, specs=()) -> str:
+    """--print-config: the options in effect as YAML that --config reads back, then the grid as comments."""
+    import yaml
+
+    options = {d: getattr(args, d) for d in _config_options(ap)}
+    text = yaml.safe_dump({"sweep": "+".join(sweep_names), **options}, sort_keys=False, default_flow_style=None)
+    for s in specs:
+        grid = {k: v for k, v in dataclasses.asdict(s).items() if v not in ((), None)}
+        text += f"# {s.name}'s grid from these options: " + yaml.safe_dump(grid, default_flow_style=True,
+                                                                         width=10_000).strip() + "\n"
+    return text
+
+
 def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "svhn"), default_scale="paper") -> int:
     """Entry point of every sweep script: parse, validate, run, print where the results are."""
     ap = sweep_parser(description, default_datasets, default_scale)
-    args = ap.parse_args(argv)
     prog = os.path.basename(sys.argv[0]) if argv is None else "sweep"
+    names = [s.name for s in specs]
+    try:
+        args = parse_sweep_args(ap, argv, names)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.seeds is not None and args.seeds < 1:
             raise ConfigError("seeds", f"must be >= 1, got {args.seeds}")
         specs = [apply_args(s, args).validate() for s in specs]
         settings = settings_from_args(args).validate()
+        if args.print_config:
+            print(config_yaml(args, ap, names, specs), end="")
+            return 0
         resources = Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_failures,
                               attack_retries=args.attack_retries, max_concurrent=args.max_concurrent).validate()
         storage = args.storage or {"smoke": "runs/nodekd-smoke", "paper": "runs/nodekd"}.get(
@@ -262,7 +358,7 @@ def print_summary(summary: dict) -> int:
 
 
 def print_plan(specs, settings: Settings, resources: Resources, storage: str, *, address=None, workers=8,
-               out=sys.stdout, costs: dict | None = None) -> int:
+               out=None, costs: dict | None = None) -> int:
     """--dry-run: the jobs in the order each stage hands them to Ray, with epochs and resource
     requests, and a list-scheduling estimate of the stages on ``workers`` GPUs against the grid
     order with the no-KD NODEs behind the teachers. With ``costs`` (costs.load_costs): each job's
@@ -280,6 +376,7 @@ def print_plan(specs, settings: Settings, resources: Resources, storage: str, *,
     cost = {j.key: expected_cost(j, settings) for j in p.jobs()}
     attack_cost = [expected_cost(a, settings, models[a.model_key]) for a in p.attacks]
     total = sum(cost.values()) + sum(attack_cost)
+    out = out if out is not None else sys.stdout    # looked up per call: a redirected stdout is honoured
     pr = lambda *a: print(*a, file=out)  # noqa: E731
     pr(f"plan for {'+'.join(s.name for s in specs)} into {storage} (--dry-run: nothing is started)")
     pr(f"each trial, logits and attack job asks for {res['cpu']:g} CPU and {res['gpu']:g} GPU"
