@@ -119,7 +119,7 @@ def test_every_command_in_the_readme_parses(tmp_path):
                 args[i + 1] = str(tmp_path / "store")
             if "--dry-run" not in args:
                 args.append("--dry-run")
-            r = subprocess.run([sys.executable, str(ROOT / argv[1]), *args], cwd=tmp_path, capture_output=True,
+            r = subprocess.run([sys.executable, str(ROOT / argv[1]), *args], cwd=ROOT, capture_output=True,
                                text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
             assert r.returncode == 0, (argv, r.stderr[-2000:])
             assert not (tmp_path / "store").exists()
