@@ -195,11 +195,12 @@ def cmd_train_student(args) -> None:
     from .models import parse_node_overrides, speed_settings
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    node = NODEConfig(width=args.width, layers=args.layers, stem_channels=args.stem_channels, t1=args.t1,
-                      solver=args.solver, rtol=args.rtol, atol=args.atol, max_num_steps=args.max_num_steps,
-                      step_size=args.step_size, adjoint=args.adjoint, time_input=args.time_input,
-                      recompute=args.recompute,
-                      **{**speed_settings(args.speed, device.split(":")[0]), **parse_node_overrides(args.node)})
+    fields = dict(width=args.width, layers=args.layers, stem_channels=args.stem_channels, t1=args.t1,
+                  solver=args.solver, rtol=args.rtol, atol=args.atol, max_num_steps=args.max_num_steps,
+                  step_size=args.step_size, adjoint=args.adjoint, time_input=args.time_input, recompute=args.recompute)
+    fields.update(speed_settings(args.speed, device.split(":")[0]))
+    fields.update(parse_node_overrides(args.node))      # --node FIELD=VALUE, on top of everything
+    node = NODEConfig(**fields)
     cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,
                         **_recipe_kwargs(args)).validate()
     _check_out(args)

@@ -768,8 +768,8 @@ REFERENCE_COMPUTATION = dict(precision="fp32", solver_impl="torchdiffeq", step_c
 #              docs/computation-study.md
 SPEEDS = ("reference", "default", "fastest")
 _SPEED_FIELDS = {
-    "reference": dict(precision="fp32", solver_impl="torchdiffeq", step_control="plain", norm_impl="torch",
-                      cuda_graphs=False),
+    "reference": {k: REFERENCE_COMPUTATION[k] for k in ("precision", "solver_impl", "step_control", "norm_impl",
+                                                         "cuda_graphs")},   # recompute: a memory option, apart
     "default": {},
     "fastest": dict(precision="bf16", solver_impl="nodekd", step_control="noise-aware", norm_impl="triton",
                     cuda_graphs=True),

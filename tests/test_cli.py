@@ -115,9 +115,14 @@ def test_console_script_end_to_end(tmp_path):
     # --crop-padding 1: 18 views of each image for the views table instead of 162 (20,736 teacher forwards
     # took 20 s of this test)
     r = run("train-student", *common, "--teacher", t, "--epochs", "1", "--limit-train", "128", *SMALL,
-            "--logits-mode", "views", "--crop-padding", "1", "--node", "solver_impl=nodekd", "--recompute", "--out", s)
+            "--logits-mode", "views", "--crop-padding", "1", "--speed", "fastest", "--node", "precision=tf32",
+            "--recompute", "--node", "recompute=false", "--out", s)
     assert r.returncode == 0, r.stderr
     assert "nfe f/b" in r.stderr
+    node = torch.load(s, weights_only=True)["node"]
+    # --speed fastest on a CPU (no Triton norms, no graphs), then --node on top of it and of --recompute
+    assert (node["precision"], node["solver_impl"], node["step_control"], node["norm_impl"], node["cuda_graphs"],
+            node["recompute"]) == ("tf32", "nodekd", "noise-aware", "torch", False, False)
     r = run("attack", *common, "--checkpoint", s, "--attack", "mifgsm", "--eps", "0,2/255,4/255", "--out", a)
     assert r.returncode == 0, r.stderr
     table = pq.read_table(a).to_pandas()
