@@ -374,9 +374,11 @@ def ray_pin() -> str:
 
 
 def project_version() -> str:
-    import tomllib
+    """The version, written once in nodekd_ray/_version.py (pyproject.toml reads it from there)."""
+    import re
 
-    return tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["version"]
+    text = open(os.path.join(ROOT, "nodekd_ray", "_version.py")).read()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
 def torch_pair() -> list[str]:

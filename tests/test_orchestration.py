@@ -419,3 +419,15 @@ def test_the_stage_progress_line_counts_and_estimates():
     assert lines[-1] == "students: 1/3 done, 0 running, 0 failed; 4/10 epochs; about 2m30s left"
     cb.on_trial_error(0, [], trial["c"])
     assert lines[-1].startswith("students: 1/3 done, 0 running, 1 failed; 4/10 epochs")
+    # Tune pickles its callbacks with the experiment's state: a log function that cannot be pickled is left out
+    import ray.cloudpickle as cloudpickle
+
+    class Unpicklable:
+        def __call__(self, line):
+            lines.append(line)
+
+        def __reduce__(self):
+            raise TypeError("cannot pickle this log")
+
+    again = cloudpickle.loads(cloudpickle.dumps(stage_progress("students", {"a": 4}, Unpicklable())))
+    assert again.running == set() and callable(again._line)

@@ -608,14 +608,21 @@ def stage_progress(name: str, epochs: dict, log, every_s: float = 30.0):
     The line comes when a trial starts, finishes or fails, and at most every ``every_s`` seconds as epochs come
     in. It gives counts, epochs done out of the stage's total, and an ETA from the measured rate:
     ``students: 12/60 done, 3 running, 0 failed; 410/1200 epochs; about 2h10m left``. epochs: job key -> the
-    job's epochs."""
+    job's epochs. log None: print."""
     from ray.tune import Callback
+
+    log = log or _print_line
 
     class StageProgress(Callback):
         def __init__(self):
             self.t0 = time.perf_counter()
             self.last = 0.0
             self.done, self.failed, self.running, self.epoch = set(), set(), set(), {}
+
+        def __reduce__(self):
+            # Tune pickles its callbacks with the experiment's state; the log function (print, or a caller's) need
+            # not pickle. A restored experiment gets a fresh line printer: the counts start again from Tune's events
+            return (stage_progress, (name, epochs, None, every_s))
 
         def _line(self, force=False):
             now = time.perf_counter()
@@ -659,6 +666,10 @@ def stage_progress(name: str, epochs: dict, log, every_s: float = 30.0):
             self._line(force=True)
 
     return StageProgress()
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
 
 
 def _duration(seconds: float) -> str:
