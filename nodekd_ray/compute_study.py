@@ -37,27 +37,19 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
+from .models import SPEEDS, speed_settings
 
-# Training paths: NODEConfig fields set on top of the study's student settings.
-TRAINING_PATHS = {
-    "reference": dict(precision="fp32", solver_impl="torchdiffeq", step_control="plain", norm_impl="torch",
-                      cuda_graphs=False),
-    "default": {},    # NODEConfig's defaults: tf32, solver_impl and step_control "auto" (resolved per device)
-    "fastest": dict(precision="bf16", solver_impl="nodekd", step_control="noise-aware", norm_impl="triton",
-                    cuda_graphs=True),
-}
-# Evaluation computations (part a).
+# Training paths: the --speed names, each resolved per device by models.speed_settings (the one place).
+TRAINING_PATHS = SPEEDS
+_REF = speed_settings("reference")
+# Evaluation computations (part a): NODEConfig fields; "reference" and "fastest" are the speeds of those names.
 EVAL_COMPUTATIONS = {
-    "reference": TRAINING_PATHS["reference"],
-    "tf32": dict(precision="tf32", solver_impl="torchdiffeq", step_control="plain", norm_impl="torch",
-                 cuda_graphs=False),
-    "bf16": dict(precision="bf16", solver_impl="torchdiffeq", step_control="plain", norm_impl="torch",
-                 cuda_graphs=False),
-    "noise-aware": dict(precision="tf32", solver_impl="nodekd", step_control="noise-aware", norm_impl="torch",
-                        cuda_graphs=False),
-    "fastest": TRAINING_PATHS["fastest"],
+    "reference": _REF,
+    "tf32": dict(_REF, precision="tf32"),
+    "bf16": dict(_REF, precision="bf16"),
+    "noise-aware": dict(_REF, precision="tf32", solver_impl="nodekd", step_control="noise-aware"),
+    "fastest": speed_settings("fastest"),
 }
-GPU_ONLY = {"norm_impl": "torch", "cuda_graphs": False}   # what "fastest" falls back to on a CPU
 ATTACKS = ("pgd-conv", "apgd-ce")
 EPS_255 = (4, 8)
 GROUPS = {False: "no KD", True: "KD"}
@@ -93,9 +85,10 @@ class StudyArgs:
     limit_test: int | None = None
 
 
-def fields_on(fields: dict, device_type: str) -> dict:
-    """A computation's NODEConfig fields as they run on a device of this type."""
-    return dict(fields, **GPU_ONLY) if device_type != "cuda" else dict(fields)
+def fields_on(name: str, device_type: str) -> dict:
+    """A training path's or an evaluation computation's NODEConfig fields as they run on a device of this type
+    (the Triton norms and CUDA graphs only on CUDA)."""
+    return speed_settings(name, device_type) if name in SPEEDS else dict(EVAL_COMPUTATIONS[name])
 
 
 def distinct_computations(device_type: str) -> list[str]:
@@ -125,7 +118,7 @@ def _student_cfg(a: StudyArgs, path: str, kd: bool, seed: int, device):
     from .train import StudentConfig
 
     node = NODEConfig(width=a.width, stem_channels=a.stem_channels, t1=a.t1,
-                      **fields_on(TRAINING_PATHS[path], device.type))
+                      **fields_on(path, device.type))
     return StudentConfig(dataset="digits", node=node, kd=kd, T=a.T, lam=a.lam, epochs=a.epochs, seed=seed,
                          batch_size=a.batch_size, optimizer="adam", lr_milestones=(0.75, 0.9), crop_padding=0,
                          device=str(device), limit_train=a.limit_train, limit_test=a.limit_test).validate()
@@ -146,7 +139,6 @@ def _init_worker(threads: int) -> None:
 
 
 def train_teacher_job(a: StudyArgs) -> str:
-    from .models import load_checkpoint  # noqa: F401 -- the checkpoint format
     from .train import TeacherConfig, save_trained, train_teacher
 
     path = os.path.join(a.out, "teacher.pt")
@@ -194,7 +186,7 @@ def eval_job(a: StudyArgs, phase: str, train: str, comp: str, kd: bool, seed: in
     model = load_checkpoint(student_path(a, train, kd, seed), map_location=device)[0]
     _, test = _data(a)
     ref = comp == "reference"
-    m = model if ref else with_computation(model, **fields_on(EVAL_COMPUTATIONS[comp], device.type))
+    m = model if ref else with_computation(model, **fields_on(comp, device.type))
     how = "reference" if ref else "as-trained"      # attack_sweep: the reference, or m as it is built
     t0 = time.perf_counter()
     clean = evaluate(m, test, device=device, computation=how)
