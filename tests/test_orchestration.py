@@ -405,7 +405,7 @@ def test_the_stage_progress_line_counts_and_estimates():
     failures, and at most every every_s seconds as epochs come in."""
     from types import SimpleNamespace
 
-    from nodekd_ray.orchestration.driver import stage_progress
+    from nodekd_ray.orchestration.progress import stage_progress
 
     lines = []
     cb = stage_progress("students", {"a": 4, "b": 4, "c": 2}, lines.append, every_s=3600)
