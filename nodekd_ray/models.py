@@ -774,9 +774,12 @@ _SPEED_FIELDS = {
     "fastest": dict(precision="bf16", solver_impl="nodekd", step_control="noise-aware", norm_impl="triton",
                     cuda_graphs=True),
 }
-SPEED_HELP = ("how students train: reference (the paper's fp32 dopri5 through torchdiffeq), default (TF32 convs, "
-              "nodekd's dopri5, noise-aware step control on a GPU) or fastest (bf16, nodekd's dopri5, noise-aware "
-              "control, on a GPU the Triton norms and CUDA graphs). Evidence on each: docs/computation-study.md")
+SPEED_HELP = ("how students train (default: default): reference (the paper's fp32 dopri5 through torchdiffeq), default "
+              "(TF32 convs, nodekd's dopri5, noise-aware step control on a GPU) or fastest (bf16, nodekd's dopri5, "
+              "noise-aware control, on a GPU the Triton norms and CUDA graphs; 6.1x the fp32 images/s on an H200). "
+              "fastest changed the answer on a CPU: KD students trained in bf16 lost 5.2 +- 5.1 points of robust "
+              "accuracy at 8/255 (5 seeds; docs/computation-study.md). Evaluation runs on the reference "
+              "computation whatever is chosen here")
 _GPU_ONLY_FIELDS = {"norm_impl": "torch", "cuda_graphs": False}   # what a CPU runs instead
 
 

@@ -66,7 +66,7 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
                    help="teachers and students train on the first N training images (default: all)")
     t.add_argument("--limit-test", type=int, default=None, metavar="N",
                    help="clean accuracy on the first N test images (default: all)")
-    t.add_argument("--speed", default=None, choices=SPEEDS, help=SPEED_HELP + " (default: default)")
+    t.add_argument("--speed", default=None, choices=SPEEDS, help=SPEED_HELP)
     t.add_argument("--node", action="append", default=None, metavar="FIELD=VALUE",
                    help="expert: set one NODEConfig field of every student on top of --speed (e.g. precision=bf16, "
                         "recompute=true); repeatable; see nodekd_ray/models.py, NODEConfig")
