@@ -55,8 +55,8 @@ EPS_255 = (4, 8)
 GROUPS = {False: "no KD", True: "KD"}
 
 # Presets. The CPU one is the digits study's student (width 32, stem 16, batch 32, Adam, lr kept to 3/4
-# of the epochs, no crops; sweep.DIGITS) with 12 epochs instead of 20, so that 30 students fit in about
-# 25 minutes on 2 cores. T = 3 as in the digits audit grid. The GPU one is the paper's width.
+# of the epochs, no crops; sweep.DIGITS) with 12 epochs instead of 20, so that 30 students (and 60 evaluations) fit in
+# about an hour on 2 cores (63 min on 2026-12-05). T = 3 as in the digits audit grid. The GPU one is the paper's width.
 PRESETS = {
     "cpu": dict(width=32, stem_channels=16, epochs=12, batch_size=32, teacher_epochs=15, attack_images=100,
                 steps=20),
@@ -393,7 +393,7 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
     ap.add_argument("--preset", default="cpu", choices=tuple(PRESETS),
-                    help="sizes: cpu (width 32, 12 epochs, 100 attacked images, 20 attack steps; about 45 min on "
+                    help="sizes: cpu (width 32, 12 epochs, 100 attacked images, 20 attack steps; about an hour on "
                          "2 cores), gpu (width 512, 20 epochs, 200 images, 50 steps) or smoke (seconds)")
     ap.add_argument("--out", default="runs/compute-study", help="output folder (a rerun reuses finished files)")
     ap.add_argument("--seeds", type=int, default=5, help="seeds per training path and group (at least 2; default 5)")

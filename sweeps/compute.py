@@ -2,7 +2,7 @@
 the fastest computation, and students trained under the reference, the default and the fastest path,
 5 seeds each, without and with KD; a verdict per computation in OUT/audit.md. On one machine, no Ray.
 
-    python sweeps/compute.py --out runs/compute-study                      # CPU preset, about 45 min, 2 cores
+    python sweeps/compute.py --out runs/compute-study                      # CPU preset, about an hour on 2 cores
     python sweeps/compute.py --preset gpu --out runs/compute-study-gpu     # width 512 on a GPU
     python sweeps/compute.py --preset smoke --seeds 2 --out /tmp/c         # plumbing only (tests)
 """
