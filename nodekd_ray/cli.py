@@ -12,6 +12,12 @@ import sys
 from .errors import ConfigError, check_choice
 
 
+# NODEConfig fields that `nodekd train-student` offers as options, generated from the dataclass (config_cli.py);
+# the speed fields come through --speed and --node instead.
+STUDENT_NODE_FIELDS = ("t1", "width", "layers", "stem_channels", "solver", "rtol", "atol", "max_num_steps",
+                       "step_size", "adjoint", "time_input", "recompute")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's default also prints the usage)
         self.exit(2, f"nodekd: error: {message}\n")
@@ -48,7 +54,8 @@ def _common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .attacks import ATTACKS
     from .kd import LOGIT_MODES
-    from .models import RESNET_DEPTHS, SOLVERS, SPEED_HELP, SPEEDS, TIME_INPUTS
+    from .config_cli import add_dataclass_arguments
+    from .models import RESNET_DEPTHS, SPEED_HELP, SPEEDS, NODEConfig
 
     p = _Parser(prog="nodekd", description="Knowledge distillation from ResNets into Neural ODEs, and attacks on them.")
     from ._version import version_line
@@ -67,20 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--T", type=float, default=10.0, help="KD temperature, > 0 (paper grid: 3, 10, 20)")
     s.add_argument("--lam", type=float, default=0.9, help="weight of the KD term, in [0, 1] (paper: 0.9)")
     s.add_argument("--logits-mode", default="paper", help=f"teacher logits: {', '.join(LOGIT_MODES)} (paper: once, on clean images)")
-    n = s.add_argument_group("Neural ODE")
-    n.add_argument("--t1", type=float, default=1.0, help="horizon [0, t1], > 0 (paper: 1, 100, 500)")
-    n.add_argument("--width", type=int, default=512, help="channels of the ODE function (paper: 512)")
-    n.add_argument("--layers", type=int, default=4, help="3x3 conv layers in the ODE function (paper: 4)")
-    n.add_argument("--stem-channels", type=int, default=64, help="channels of the first stem conv")
-    n.add_argument("--solver", default="dopri5", help=f"torchdiffeq method: {', '.join(SOLVERS)}")
-    n.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
-    n.add_argument("--atol", type=float, default=1e-3, help="absolute tolerance (default 1e-3)")
-    n.add_argument("--max-num-steps", type=int, default=10_000, help="step limit per solve (adaptive solvers)")
-    n.add_argument("--step-size", type=float, default=0.0, help="step of fixed-step solvers (0: t1/10)")
-    n.add_argument("--adjoint", action="store_true", help="backpropagate with odeint_adjoint")
-    n.add_argument("--time-input", default="raw", help=f"time channel of f: {', '.join(TIME_INPUTS)} (raw: t, as torchdiffeq's ODE-Net)")
-    n.add_argument("--recompute", action="store_true", help="recompute f's GroupNorm + ReLU in the backward: "
-                                                            "about half the activation memory per NFE")
+    n = s.add_argument_group("Neural ODE (from NODEConfig's fields)")
+    add_dataclass_arguments(n, NODEConfig, STUDENT_NODE_FIELDS)
     sp = s.add_argument_group("speed (training only: evaluation runs on the reference computation)")
     sp.add_argument("--speed", default="default", choices=SPEEDS, help=SPEED_HELP)
     sp.add_argument("--node", action="append", default=[], metavar="FIELD=VALUE",
@@ -192,12 +187,11 @@ def cmd_train_student(args) -> None:
 
     import torch
 
+    from .config_cli import dataclass_values
     from .models import parse_node_overrides, speed_settings
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    fields = dict(width=args.width, layers=args.layers, stem_channels=args.stem_channels, t1=args.t1,
-                  solver=args.solver, rtol=args.rtol, atol=args.atol, max_num_steps=args.max_num_steps,
-                  step_size=args.step_size, adjoint=args.adjoint, time_input=args.time_input, recompute=args.recompute)
+    fields = dataclass_values(args, STUDENT_NODE_FIELDS)
     fields.update(speed_settings(args.speed, device.split(":")[0]))
     fields.update(parse_node_overrides(args.node))      # --node FIELD=VALUE, on top of everything
     node = NODEConfig(**fields)

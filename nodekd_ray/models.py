@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -574,25 +574,34 @@ def _cudnn_conv_precision(mode: str):
 
 @dataclass
 class NODEConfig:
-    width: int = 512              # channels of the ODE state and of every conv in f (paper: 512)
-    layers: int = 4               # conv layers in f (paper: 4, 3x3 kernels)
-    stem_channels: int = 64       # first stem conv's channels (torchdiffeq ODE-Net: 64)
-    t1: float = 1.0               # horizon [0, t1] (paper: 1 and 100; 500 in Table 3)
-    solver: str = "dopri5"        # torchdiffeq method (paper: dopri5)
-    rtol: float = 1e-3            # NODE papers use 1e-3; torchdiffeq's default 1e-7 is far tighter
-    atol: float = 1e-3
-    max_num_steps: int = 10_000   # accepted+rejected step limit per solve (adaptive solvers)
-    step_size: float = 0.0        # fixed-step solvers only; 0 means t1 / 10
-    adjoint: bool = False         # odeint_adjoint: O(1) memory in time, re-solves backwards
-    time_input: str = "raw"       # "raw" (t channel, torchdiffeq's ODE-Net), "scaled" (t/t1) or "none"
+    # The fields the command lines show carry their help here (metadata "help"): nodekd train-student's "Neural
+    # ODE" options are generated from them (config_cli.py), so the flag, its default and its help are written once.
+    width: int = field(default=512, metadata={"help": "channels of the ODE state and of every conv in f (paper: 512)"})
+    layers: int = field(default=4, metadata={"help": "3x3 conv layers in f (paper: 4)"})
+    stem_channels: int = field(default=64, metadata={"help": "channels of the first stem conv (torchdiffeq's ODE-Net: "
+                                                             "64)"})
+    t1: float = field(default=1.0, metadata={"help": "horizon [0, t1], > 0 (paper: 1 and 100; 500 in Table 3)"})
+    solver: str = field(default="dopri5", metadata={"help": "torchdiffeq method: " + ", ".join(SOLVERS) +
+                                                            " (paper: dopri5)"})
+    rtol: float = field(default=1e-3, metadata={"help": "relative tolerance (NODE papers use 1e-3; torchdiffeq's "
+                                                        "default 1e-7 is far tighter)"})
+    atol: float = field(default=1e-3, metadata={"help": "absolute tolerance"})
+    max_num_steps: int = field(default=10_000, metadata={"help": "accepted + rejected step limit per solve "
+                                                                 "(adaptive solvers)"})
+    step_size: float = field(default=0.0, metadata={"help": "step of fixed-step solvers; 0 means t1 / 10"})
+    adjoint: bool = field(default=False, metadata={"help": "backpropagate with odeint_adjoint: O(1) memory in time, "
+                                                           "re-solves backwards"})
+    time_input: str = field(default="raw", metadata={"help": "time channel of f: raw (t itself, torchdiffeq's "
+                                                             "ODE-Net), scaled (t / t1) or none"})
     time_conv: str = "aligned"    # how the time channel enters a conv: "aligned" (width -> width conv plus
                                   # t times a precomputed response) or "concat" (width + 1 -> width); equal
     precision: str = "tf32"       # convolutions of f: "fp32" (IEEE), "tf32" (PyTorch's default for cuDNN
                                   # convs on GPUs) or "bf16" (autocast); state, solver and loss stay fp32
     channels_last: bool = False   # NHWC memory format for the ODE state and f's convolutions
-    recompute: bool = False       # f's backward recomputes each GroupNorm + ReLU instead of keeping its output:
-                                  # 5 states kept per evaluation instead of 9, for one more GroupNorm pass per
-                                  # layer in the backward (time_conv "aligned" only)
+    # f's backward recomputes each GroupNorm + ReLU instead of keeping its output: 5 states kept per evaluation
+    # instead of 9, for one more GroupNorm pass per layer in the backward (time_conv "aligned" only)
+    recompute: bool = field(default=False, metadata={"help": "recompute f's GroupNorm + ReLU in the backward: about "
+                                                             "half the activation memory per NFE"})
     norm_impl: str = "torch"      # f's GroupNorm (+ ReLU): "torch" (PyTorch's ops) or "triton" (nodekd_ray/
                                   # fused_norm.py: one kernel each way, fp32 statistics, output written in the
                                   # next conv's dtype; CUDA only). The default stays torch's: on an H200 the
@@ -658,13 +667,13 @@ class NODEConfig:
             raise ConfigError("cuda_graphs", "needs the nodekd solver (dopri5 with plain backpropagation), "
                                              f"got solver_impl {self.solver_impl_used()!r}")
         check_choice("graph_inputs", self.graph_inputs, GRAPH_INPUTS)
-        for field in ("t1", "rtol", "atol"):
-            v = getattr(self, field)
+        for name in ("t1", "rtol", "atol"):
+            v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                raise ConfigError(field, f"must be a finite number > 0, got {v}")
-        for field in ("width", "layers", "stem_channels", "max_num_steps"):
-            if int(getattr(self, field)) < 1:
-                raise ConfigError(field, f"must be an integer >= 1, got {getattr(self, field)}")
+                raise ConfigError(name, f"must be a finite number > 0, got {v}")
+        for name in ("width", "layers", "stem_channels", "max_num_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {getattr(self, name)}")
         if not (self.step_size >= 0 and math.isfinite(self.step_size)):
             raise ConfigError("step_size", f"must be a finite number >= 0, got {self.step_size}")
         return self

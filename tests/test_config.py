@@ -64,3 +64,34 @@ def test_every_example_config_plans(path, tmp_path, capsys):
                 description="t") == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert f"plan for {sweep} into {store}" in out and not store.exists()
+
+
+def test_the_students_options_are_generated_from_nodeconfig_and_round_trip():
+    """nodekd train-student's Neural ODE options come from NODEConfig's fields: each default is the dataclass's
+    (they cannot drift apart), each help is the field's, and parsed flags give the NODEConfig they name."""
+    import argparse
+    import dataclasses
+
+    from nodekd_ray.cli import STUDENT_NODE_FIELDS, build_parser
+    from nodekd_ray.config_cli import add_dataclass_arguments, dataclass_values
+    from nodekd_ray.models import NODEConfig
+
+    ap = build_parser()
+    base = ["train-student", "--no-kd", "--out", "s.pt"]
+    defaults = dataclass_values(ap.parse_args(base), STUDENT_NODE_FIELDS)
+    assert defaults == {f: getattr(NODEConfig(), f) for f in STUDENT_NODE_FIELDS}
+    args = ap.parse_args(base + ["--width", "8", "--t1", "2.5", "--adjoint", "--solver", "rk4", "--step-size", "0.25",
+                                 "--max-num-steps", "50", "--time-input", "scaled", "--recompute"])
+    assert NODEConfig(**dataclass_values(args, STUDENT_NODE_FIELDS)) == NODEConfig(
+        width=8, t1=2.5, adjoint=True, solver="rk4", step_size=0.25, max_num_steps=50, time_input="scaled",
+        recompute=True)
+    helps = {a.dest: a.help for a in ap._subparsers._group_actions[0].choices["train-student"]._actions}
+    fields = {f.name: f for f in dataclasses.fields(NODEConfig)}
+    assert all(helps[f].startswith(fields[f].metadata["help"]) for f in STUDENT_NODE_FIELDS)
+
+    @dataclasses.dataclass
+    class NoHelp:
+        x: int = 1
+
+    with pytest.raises(TypeError, match="NoHelp.x has no metadata help"):
+        add_dataclass_arguments(argparse.ArgumentParser(), NoHelp, ["x"])
