@@ -185,14 +185,13 @@ def cmd_train_student(args) -> None:
     from .models import NODEConfig, load_checkpoint
     from .train import StudentConfig, save_trained, train_student
 
-    import torch
-
     from .config_cli import dataclass_values
     from .models import parse_node_overrides, speed_settings
+    from .train import RecipeConfig
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = RecipeConfig(device=args.device).torch_device().type
     fields = dataclass_values(args, STUDENT_NODE_FIELDS)
-    fields.update(speed_settings(args.speed, device.split(":")[0]))
+    fields.update(speed_settings(args.speed, device_type))
     fields.update(parse_node_overrides(args.node))      # --node FIELD=VALUE, on top of everything
     node = NODEConfig(**fields)
     cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from .attacks import COMPUTATIONS, CROSS_TOLERANCE, NODE_ONLY, TRANSFER, AuditConfig, attack_sweep
 from .data import ImageSet
@@ -45,7 +44,7 @@ from .kd import compute_logit_table
 from .models import RESNET_DEPTHS, NODEConfig, ODESolveError, checkpoint_state, load_checkpoint, speed_settings
 from .results import _LATER_FIELDS, ATTACK_FILE_SCHEMA, ATTACK_SCHEMA  # noqa: F401 -- one declaration, results.py
 from .storage import Damaged, Storage
-from .train import StudentConfig, TeacherConfig, train_student, train_teacher
+from .train import RecipeConfig, StudentConfig, TeacherConfig, train_student, train_teacher
 
 # The grid and the scales live in presets.py; their names stay importable from here.
 from .presets import DEMO, DIGITS, PRESETS, SCALES, SMOKE, SWEEP_ATTACKS, TEACHERS, SweepSpec  # noqa: E402,F401
@@ -311,8 +310,7 @@ def student_config(job: StudentJob, settings: Settings, **extra) -> StudentConfi
     node_fields = set(NODEConfig.__dataclass_fields__)
     node_kw = {k: kw.pop(k) for k in list(kw) if k in node_fields}
     speed = kw.pop("speed", "default")       # --speed: resolved for the device the student trains on
-    device = extra.get("device", kw.get("device", "auto"))
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else str(device).split(":")[0]
+    device_type = RecipeConfig(device=str(extra.get("device", kw.get("device", "auto")))).torch_device().type
     node = NODEConfig(**{**speed_settings(speed, device_type), **node_kw}, t1=job.t1)
     try:
         return StudentConfig(dataset=job.dataset, seed=job.seed, node=node, kd=job.kd,
