@@ -57,4 +57,6 @@ if __name__ == "__main__":
         sys.exit(0)
     print(f"best: lam = {best['best_lam']:.3f}, T = {best['best_T']:.2f}, test accuracy "
           f"{100 * best['best_test_accuracy']:.2f}% over {best['trials']} full-length trials of {best['epochs']} "
-          f"epochs ({best['pruned']} stopped early by ASHA; study {best['journal']})")
+          f"epochs ({best['pruned']} stopped early by ASHA)")
+    print(f"results: {best['storage']}\n  best (lam, T): {best['result']}\n  Optuna study: {best['journal']} "
+          f"(optuna-dashboard {best['journal']})\nTensorBoard: tensorboard --logdir {best['tensorboard']}")

@@ -228,6 +228,9 @@ def test_lambda_T_search_persists_its_optuna_study(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "best: lam = " in r.stdout and "full-length trials of 2 epochs" in r.stdout
     assert "ASHA over 2 epochs, grace period 1 (0.25 of the epochs)" in r.stdout
+    # progress lines instead of Tune's status tables
+    assert re.search(r"lam-T-digits-resnet20-t1-paper: 2/2 trials ended \(\d full length, \d stopped early\)", r.stdout)
+    assert "Trial status" not in r.stdout + r.stderr
     # a rerun asking for 3 samples continues the same study: one new trial, TPE sees all three
     r = subprocess.run(base + ["--num-samples", "3"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -431,3 +434,35 @@ def test_the_stage_progress_line_counts_and_estimates():
 
     again = cloudpickle.loads(cloudpickle.dumps(stage_progress("students", {"a": 4}, Unpicklable())))
     assert again.running == set() and callable(again._line)
+
+
+def test_the_search_progress_line_counts_trials_and_bounds_the_eta():
+    """search_progress: trials that ended at full length and those ASHA stopped, the best full-length accuracy
+    (a truncated trial's is not a candidate, as in the search's answer), and an upper-bound ETA."""
+    from types import SimpleNamespace
+
+    import ray.cloudpickle as cloudpickle
+
+    from nodekd_ray.orchestration.progress import search_progress
+
+    lines = []
+    cb = search_progress("lam-T", 3, 4, lines.append, every_s=3600)
+    t = {k: SimpleNamespace(trial_id=k, config={"lam": lam, "T": T}) for k, lam, T in
+         (("a", 0.5, 3.0), ("b", 0.9, 10.0), ("c", 0.1, 20.0))}
+    cb.on_trial_start(0, [], t["a"])
+    cb.on_trial_start(0, [], t["b"])
+    assert lines[-1] == ("lam-T: 0/3 trials ended (0 full length, 0 stopped early), 2 running, 0 failed; "
+                         "no result yet; ETA after the first epoch")
+    cb.t0 -= 60                                                   # 60 s have passed
+    cb.on_trial_result(0, [], t["b"], {"epoch": 2, "test_accuracy": 0.99})   # truncated: not a candidate yet
+    cb.on_trial_result(0, [], t["a"], {"epoch": 4, "test_accuracy": 0.80})
+    cb.on_trial_complete(0, [], t["a"])
+    # 6 epochs in 60 s; left: b's 2 + c's 4 = 6 epochs -> at most 60 s
+    assert lines[-1] == ("lam-T: 1/3 trials ended (1 full length, 0 stopped early), 1 running, 0 failed; "
+                         "best full-length 80.0% (lam 0.50, T 3.00); at most about 60s left")
+    cb.on_trial_complete(0, [], t["b"])                           # ASHA stopped b at epoch 2
+    cb.on_trial_error(0, [], t["c"])
+    assert lines[-1].startswith("lam-T: 3/3 trials ended (1 full length, 1 stopped early), 0 running, 1 failed; "
+                                "best full-length 80.0% (lam 0.50, T 3.00)")
+    again = cloudpickle.loads(cloudpickle.dumps(search_progress("lam-T", 3, 4, lambda line: None)))
+    assert again.best is None and callable(again._line)

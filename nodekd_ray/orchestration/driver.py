@@ -42,7 +42,7 @@ from ..data import ImageSet, load_dataset
 from ..devices import LOGICAL_GPUS_ENV
 from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
 from ..faults import ENV as FAULTS_ENV
-from .progress import stage_progress
+from .progress import quiet_trial, quiet_tune, stage_progress
 from ..lock import StorageLock
 from ..storage import Damaged
 from ..sweep import (AttackJob, Settings, Storage, StudentJob, TeacherJob, attack_problem, job_config, logit_table,
@@ -111,6 +111,7 @@ def train_trial(config, *, data_refs, table_refs, settings, storage_root, resume
     from ray import tune
 
     use_held_cpus()
+    quiet_trial()
     job = job_from_dict(config["job"])
     storage = Storage(storage_root)
     data = data_from_ref(ray.get(data_refs[job.dataset]))
@@ -455,6 +456,7 @@ def _run_sweep(p, staged, specs, settings, storage, sweep_name, resources, resum
     # Keeping one checkpoint per trial (num_to_keep=1; a NODE at width 512 with Adam state is
     # ~110 MB) makes Tune snapshot its experiment state often, and warn about it every time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    quiet_tune()
     on_cluster = connect(address, num_cpus, log=log)
     ctrl_c.check()
     res = resources.request(on_cluster, ray.cluster_resources().get("GPU", 0), gpu_node_cpus_per_gpu())

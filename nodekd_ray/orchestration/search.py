@@ -15,6 +15,7 @@ import os
 from ..errors import ConfigError
 from ..lock import StorageLock
 from ..sweep import Settings, Storage, StudentJob, SweepSpec, TeacherJob, student_config
+from .progress import quiet_tune, search_progress
 from .driver import Resources, SweepFailed, _data_ref, _tune_filesystem, logit_tables, run_sweep, train_trial
 
 GRACE_FRACTION = 0.25     # ASHA grace period, as a fraction of the trial's epochs
@@ -190,6 +191,7 @@ def _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_ro
         f"ASHA over {epochs} epochs, grace period {grace_period(epochs, grace_fraction)} "
         f"({grace_fraction:g} of the epochs), reduction factor {REDUCTION_FACTOR}")
     if remaining:
+        quiet_tune()
         base = {"type": "StudentJob", "dataset": dataset, "t1": float(t1), "seed": 0, "teacher": teacher,
                 "T": None, "lam": None, "logits_mode": logits_mode}
         resume_from = interrupted_checkpoints(storage, study_name, base, reopened)
@@ -209,8 +211,9 @@ def _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_ro
             run_config=tune.RunConfig(name=f"{study_name}-{len(finished)}", storage_path=storage.path("tune"),
                                       storage_filesystem=_tune_filesystem(storage),
                                       failure_config=tune.FailureConfig(max_failures=resources.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
-                                      callbacks=[sync.callback()]),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0,
+                                      callbacks=[sync.callback(), search_progress(study_name, remaining, epochs,
+                                                                                  log)]),
         )
         try:
             tuner.fit()
@@ -224,7 +227,8 @@ def _search(dataset, teacher, t1, logits_mode, num_samples, settings, storage_ro
     best = max(done, key=lambda t: t.value)
     out = {"study": study_name, "trials": len(done), "pruned": len(pruned), "epochs": epochs,
            "best_lam": best.params["lam"], "best_T": best.params["T"], "best_test_accuracy": best.value,
-           "journal": sync.url}
+           "journal": sync.url, "result": storage.url(storage.path(f"{study_name}.json")),
+           "storage": storage.name, "tensorboard": storage.url(storage.path("tensorboard"))}
     storage.write_json(out, storage.path(f"{study_name}.json"))
     return out
 
