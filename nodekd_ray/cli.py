@@ -18,44 +18,36 @@ STUDENT_NODE_FIELDS = ("t1", "width", "layers", "stem_channels", "solver", "rtol
                        "step_size", "adjoint", "time_input", "recompute")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default also prints the usage)
-        self.exit(2, f"nodekd: error: {message}\n")
+from .config_cli import OneLineParser as _Parser
+
+
+# RecipeConfig fields that nodekd offers as options, generated from the dataclass (config_cli.py); the same fields
+# are the sweeps' options of the same names (orchestration/entry.py)
+DATA_FIELDS = ("dataset", "data_root", "download", "limit_test", "device", "seed")
+TRAINING_FIELDS = ("limit_train", "epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer",
+                   "crop_padding", "flip", "eval_batch_size", "log_dir")
+KD_FIELDS = ("kd", "T", "lam", "logits_mode")
 
 
 def _common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
-    from .data import DATASETS
+    from .config_cli import add_dataclass_arguments
+    from .train import RecipeConfig
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits, works offline)")
-    g.add_argument("--data-root", default="data", help="folder with the torchvision files of cifar10/svhn (default: data)")
-    g.add_argument("--download", action="store_true", help="download missing cifar10/svhn files through torchvision")
-    g.add_argument("--limit-test", type=int, help="evaluate on the first N test images only")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    g.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling, augmentation and attacks")
+    add_dataclass_arguments(g, RecipeConfig, DATA_FIELDS)
     g.add_argument("--out", required=True, help="output file (checkpoint .pt, or .parquet for attack)")
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
     if not training:
         return
     t = p.add_argument_group("training (defaults: the paper's recipe for the data set)")
-    t.add_argument("--limit-train", type=int, help="train on the first N training images only")
-    t.add_argument("--epochs", type=int, help="epochs (default: paper value; 30 on digits)")
-    t.add_argument("--batch-size", type=int, default=128, help="mini-batch size (paper: 128)")
-    t.add_argument("--lr", type=float, help="initial learning rate (paper: teachers 0.1, ResNet110 0.01; students 0.001)")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
-    t.add_argument("--weight-decay", type=float, help="weight decay (default: teachers 1e-4, students 0; paper silent)")
-    t.add_argument("--optimizer", default="auto", help="auto (the paper's rule), sgd or adam")
-    t.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (default 4)")
-    t.add_argument("--flip", choices=("on", "off"), help="random horizontal flip (default: on for cifar10, off for svhn/digits)")
-    t.add_argument("--eval-batch-size", type=int, default=500, help="fixed evaluation batch size")
-    t.add_argument("--log-dir", help="write TensorBoard event files here")
+    add_dataclass_arguments(t, RecipeConfig, TRAINING_FIELDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .attacks import ATTACKS
-    from .kd import LOGIT_MODES
     from .config_cli import add_dataclass_arguments
-    from .models import RESNET_DEPTHS, SPEED_HELP, SPEEDS, NODEConfig
+    from .models import SPEED_HELP, SPEEDS, NODEConfig
+    from .train import StudentConfig, TeacherConfig
 
     p = _Parser(prog="nodekd", description="Knowledge distillation from ResNets into Neural ODEs, and attacks on them.")
     from ._version import version_line
@@ -64,16 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train-teacher", help="train a CIFAR ResNet teacher", description="Train a CIFAR ResNet teacher.")
-    t.add_argument("--model", default="resnet20", help=f"one of {', '.join(RESNET_DEPTHS)}")
+    add_dataclass_arguments(t, TeacherConfig, ("model",))
     _common(t)
 
     s = sub.add_parser("train-student", help="train a Neural ODE student, with or without KD",
                        description="Train a Neural ODE student (Algorithm 1 with --teacher, plain CE with --no-kd).")
     s.add_argument("--teacher", help="teacher checkpoint from train-teacher (needed unless --no-kd)")
-    s.add_argument("--no-kd", action="store_true", help="train without distillation (the NODE baseline)")
-    s.add_argument("--T", type=float, default=10.0, help="KD temperature, > 0 (paper grid: 3, 10, 20)")
-    s.add_argument("--lam", type=float, default=0.9, help="weight of the KD term, in [0, 1] (paper: 0.9)")
-    s.add_argument("--logits-mode", default="paper", help=f"teacher logits: {', '.join(LOGIT_MODES)} (paper: once, on clean images)")
+    add_dataclass_arguments(s, StudentConfig, KD_FIELDS)
     n = s.add_argument_group("Neural ODE (from NODEConfig's fields)")
     add_dataclass_arguments(n, NODEConfig, STUDENT_NODE_FIELDS)
     sp = s.add_argument_group("speed (training only: evaluation runs on the reference computation)")
@@ -87,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="White-box L-inf attack sweep; writes one Parquet row per (image, eps).")
     a.add_argument("--checkpoint", required=True, help="model checkpoint (teacher or student)")
     a.add_argument("--attack", default="pgd", help=f"one of {', '.join(ATTACKS)}")
-    a.add_argument("--eps", default="0,2/255,4/255,8/255,12/255,16/255,20/255",
-                   help="comma-separated eps in [0, 1] pixel units; fractions like 8/255 allowed")
+    a.add_argument("--eps", nargs="+", default=["0,2/255,4/255,8/255,12/255,16/255,20/255"], metavar="EPS",
+                   help="attack strengths: pixel units in [0, 1], fractions like 8/255, space- or comma-separated, "
+                        "as the sweeps' --eps (default: 0,2/255,4/255,8/255,12/255,16/255,20/255)")
     a.add_argument("--steps", type=int, help="attack steps (default: floor(min(255 eps + 4, 1.25 * 255 eps)))")
     a.add_argument("--batch-size", type=int, default=256, help="fixed attack batch size")
     a.add_argument("--attack-misclassified", action="store_true",
@@ -132,14 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_kwargs(args) -> dict:
-    kw = dict(dataset=args.dataset, data_root=args.data_root, download=args.download, epochs=args.epochs,
-              batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-              optimizer=args.optimizer, crop_padding=args.crop_padding, seed=args.seed, device=args.device,
-              eval_batch_size=args.eval_batch_size, limit_train=args.limit_train, limit_test=args.limit_test,
-              log_dir=args.log_dir)
-    if args.flip is not None:
-        kw["flip"] = args.flip == "on"
-    return kw
+    from .config_cli import dataclass_values
+
+    return dataclass_values(args, DATA_FIELDS + TRAINING_FIELDS)
 
 
 def _check_out(args) -> None:
@@ -194,8 +179,7 @@ def cmd_train_student(args) -> None:
     fields.update(speed_settings(args.speed, device_type))
     fields.update(parse_node_overrides(args.node))      # --node FIELD=VALUE, on top of everything
     node = NODEConfig(**fields)
-    cfg = StudentConfig(node=node, kd=not args.no_kd, T=args.T, lam=args.lam, logits_mode=args.logits_mode,
-                        **_recipe_kwargs(args)).validate()
+    cfg = StudentConfig(node=node, **dataclass_values(args, KD_FIELDS), **_recipe_kwargs(args)).validate()
     _check_out(args)
     teacher = None
     if cfg.kd:
@@ -222,7 +206,7 @@ def cmd_attack(args) -> None:
     from .train import RecipeConfig
 
     check_choice("attack", args.attack, ATTACKS)
-    eps_list = parse_eps(args.eps)
+    eps_list = parse_eps(",".join(args.eps))
     if args.steps is not None and args.steps < 0:
         raise ConfigError("steps", f"must be >= 0, got {args.steps}")
     if args.batch_size < 1:

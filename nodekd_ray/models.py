@@ -581,8 +581,8 @@ class NODEConfig:
     stem_channels: int = field(default=64, metadata={"help": "channels of the first stem conv (torchdiffeq's ODE-Net: "
                                                              "64)"})
     t1: float = field(default=1.0, metadata={"help": "horizon [0, t1], > 0 (paper: 1 and 100; 500 in Table 3)"})
-    solver: str = field(default="dopri5", metadata={"help": "torchdiffeq method: " + ", ".join(SOLVERS) +
-                                                            " (paper: dopri5)"})
+    solver: str = field(default="dopri5", metadata={"help": "torchdiffeq method (paper: dopri5)",
+                                                    "choices": SOLVERS})
     rtol: float = field(default=1e-3, metadata={"help": "relative tolerance (NODE papers use 1e-3; torchdiffeq's "
                                                         "default 1e-7 is far tighter)"})
     atol: float = field(default=1e-3, metadata={"help": "absolute tolerance"})
@@ -592,7 +592,8 @@ class NODEConfig:
     adjoint: bool = field(default=False, metadata={"help": "backpropagate with odeint_adjoint: O(1) memory in time, "
                                                            "re-solves backwards"})
     time_input: str = field(default="raw", metadata={"help": "time channel of f: raw (t itself, torchdiffeq's "
-                                                             "ODE-Net), scaled (t / t1) or none"})
+                                                             "ODE-Net), scaled (t / t1) or none",
+                                                     "choices": TIME_INPUTS})
     time_conv: str = "aligned"    # how the time channel enters a conv: "aligned" (width -> width conv plus
                                   # t times a precomputed response) or "concat" (width + 1 -> width); equal
     precision: str = "tf32"       # convolutions of f: "fp32" (IEEE), "tf32" (PyTorch's default for cuDNN

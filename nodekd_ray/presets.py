@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .attacks import ATTACKS, AUDIT_ATTACKS
+from .attacks import ATTACKS, AUDIT_ATTACKS, parse_eps
+from .config_cli import opt
 from .data import DATASETS
 from .errors import ConfigError, check_choice, check_range
 from .kd import LOGIT_MODES, validate_kd
@@ -63,22 +64,42 @@ DEMO = {
 SCALES = {"paper": {}, "digits": DIGITS, "demo": DEMO, "smoke": SMOKE}
 
 
+def eps_255_from_text(values) -> tuple:
+    """--eps's values, as ``nodekd attack`` reads them (pixel units in [0, 1], fractions like 8/255, space- or
+    comma-separated), in the 1/255 units of SweepSpec.eps_255."""
+    return tuple(round(e * 255, 6) for e in parse_eps(",".join(str(v) for v in values)))
+
+
 @dataclass
 class SweepSpec:
-    """One sweep: which teachers and students to train and which models to attack."""
+    """One sweep: which teachers and students to train and which models to attack. The fields with help are the
+    sweep scripts' grid options, of the same names as nodekd's (orchestration/entry.py generates them)."""
     name: str                                  # e.g. "table2"; names the Tune experiments
-    datasets: tuple = ("cifar10", "svhn")
-    teachers: tuple = ()                       # teachers trained (and reported) as baselines
+    datasets: tuple = opt(("cifar10", "svhn"), "data sets", flag="dataset", choices=DATASETS, metavar="NAME")
+    # teachers trained (and reported) as baselines; --teacher sets these and kd_teachers, whichever the sweep has
+    teachers: tuple = opt((), "teacher ResNets (trained, attacked, and distilled into the sweep's students)",
+                          flag="teacher", aliases=("teachers",), choices=TEACHERS, metavar="ARCH")
     kd_teachers: tuple = ()                    # teachers distilled into students (trained too)
-    temperatures: tuple = (3.0, 10.0, 20.0)    # paper grid
-    kd_horizons: tuple = (1.0, 100.0)          # t1 of KD students (paper: 1 and 100)
-    baseline_horizons: tuple = ()              # t1 of NODE students trained without KD
-    lam: float = 0.9                           # paper: 0.9
-    logits_mode: str = "paper"                 # kd.LOGIT_MODES
+    temperatures: tuple = opt((3.0, 10.0, 20.0), "KD temperatures (paper grid: 3 10 20)", flag="T",
+                              aliases=("temperatures",), metavar="T")
+    kd_horizons: tuple = opt((1.0, 100.0), "horizons t1 of the KD students (paper: 1 100)", flag="t1",
+                             aliases=("horizons",), metavar="T1")
+    baseline_horizons: tuple = opt((), "horizons t1 of the NODE students trained without KD", flag="baseline_t1",
+                                   aliases=("baseline_horizons",), metavar="T1", type=float)
+    lam: tuple = opt((0.9,), "weights of the KD term, in [0, 1] (paper: 0.9)", metavar="LAM")
+    logits_mode: str = opt("paper", "teacher logits: paper (once, on clean images), views or online; see "
+                                    "nodekd_ray/kd.py", choices=LOGIT_MODES)
     seeds: tuple = (0,)
-    attacks: tuple = ()                        # "pgd", "mifgsm"; empty: clean accuracy only
-    eps_255: tuple = EPS_255_PAPER             # attack strengths, in 1/255 units
+    attacks: tuple = opt((), "attacks (paper: pgd mifgsm; the audit's: nodekd_ray/attacks.py); none: clean "
+                             "accuracy only", flag="attack", aliases=("attacks",), choices=ATTACKS, metavar="NAME")
+    eps_255: tuple = opt(EPS_255_PAPER, "attack strengths as nodekd attack takes them: pixel units in [0, 1], "
+                                        "fractions like 8/255, space- or comma-separated (paper: 0 to 20/255)",
+                         flag="eps", type=str, convert=eps_255_from_text, metavar="EPS")
     attack_teachers: bool = True               # attack the teachers too (Figure 1's ResNet curve)
+
+    def __post_init__(self):
+        if isinstance(self.lam, (int, float)):     # one value, as SweepSpec took it before lam became a grid axis
+            self.lam = (float(self.lam),)
 
     def validate(self) -> "SweepSpec":
         if not self.datasets:
@@ -87,9 +108,12 @@ class SweepSpec:
             check_choice("dataset", d, DATASETS)
         for t in tuple(self.teachers) + tuple(self.kd_teachers):
             check_choice("teacher", t, TEACHERS)
-        for T in self.temperatures:
-            validate_kd(T, self.lam)
-        validate_kd(10.0, self.lam)
+        if not self.lam:
+            raise ConfigError("lam", "at least one value is needed")
+        for lam in self.lam:
+            for T in self.temperatures:
+                validate_kd(T, lam)
+            validate_kd(10.0, lam)
         for t1 in tuple(self.kd_horizons) + tuple(self.baseline_horizons):
             check_range("horizon", t1, 0, None, lo_open=True)
         check_choice("logits_mode", self.logits_mode, LOGIT_MODES)

@@ -153,9 +153,10 @@ def plan(specs, *, eps_per_task: int = 4) -> Plan:
                 for arch in spec.kd_teachers:
                     for T in spec.temperatures:
                         for t1 in spec.kd_horizons:
-                            job = StudentJob(ds, float(t1), seed, arch, float(T), float(spec.lam), spec.logits_mode)
-                            add(p.students, job)
-                            models.append(job)
+                            for lam in spec.lam:
+                                job = StudentJob(ds, float(t1), seed, arch, float(T), float(lam), spec.logits_mode)
+                                add(p.students, job)
+                                models.append(job)
         eps = sorted(set(float(e) for e in spec.eps_255))
         trained = {j.key for j in p.jobs()}
         for job in models:

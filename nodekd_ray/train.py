@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config_cli import opt
 from .data import AUGMENT_DEFAULTS, DATASETS, Batches, ImageSet, channel_stats, load_dataset, num_views
 from .errors import ConfigError, check_choice, check_range
 from .kd import LOGIT_MODES, TeacherLogits, compute_logit_table, kd_loss, validate_kd
@@ -33,25 +34,31 @@ OPTIMIZERS = ("auto", "sgd", "adam")
 
 @dataclass
 class RecipeConfig:
-    dataset: str = "digits"            # one of data.DATASETS
-    data_root: str = "data"            # where cifar10/svhn files live (torchvision layout)
-    download: bool = False             # fetch missing cifar10/svhn files through torchvision
-    epochs: int | None = None          # None: the paper's value for the data set
-    batch_size: int = 128              # paper: 128
-    lr: float | None = None            # None: the recipe's paper value
+    # Fields with metadata help become command-line options of nodekd and the sweeps (config_cli.py): the flag,
+    # its type, choices, default and help are written here once.
+    dataset: str = opt("digits", "data set", choices=DATASETS)
+    data_root: str = opt("data", "folder with the torchvision files of cifar10/svhn")
+    download: bool = opt(False, "download missing cifar10/svhn files through torchvision")
+    epochs: int | None = opt(None, "training epochs; if not given, the paper's for the data set (teachers 300 on cifar10, "
+                                   "students 200; 40 on svhn; 30 on digits)")
+    batch_size: int = opt(128, "mini-batch size (paper: 128)")
+    lr: float | None = opt(None, "initial learning rate; if not given, the paper's (teachers 0.1, ResNet110 0.01; "
+                                 "students 0.001)")
     lr_milestones: tuple = (0.5, 0.75)  # fractions of the epochs where lr drops (paper: 1/2, 3/4)
     lr_factors: tuple = (0.1, 0.01)    # lr multipliers from each milestone on (paper: 1/10, 1/100)
-    momentum: float = 0.9              # SGD momentum (paper: 0.9)
-    weight_decay: float | None = None  # None: recipe default (paper silent)
-    optimizer: str = "auto"            # "auto" follows the paper's rule; "sgd" or "adam" to force
-    crop_padding: int | None = None    # None: data.AUGMENT_DEFAULTS
-    flip: bool | None = None           # None: data.AUGMENT_DEFAULTS
-    seed: int = 0                      # weights, shuffling and augmentation
-    device: str = "auto"               # "auto": cuda when available, else cpu
-    eval_batch_size: int = 500         # fixed evaluation batches (dopri5 steps are per batch)
-    limit_train: int | None = None     # use the first N training images (smoke tests)
-    limit_test: int | None = None      # use the first N test images
-    log_dir: str | None = None         # TensorBoard event files go here when set
+    momentum: float = opt(0.9, "SGD momentum (paper: 0.9)")
+    weight_decay: float | None = opt(None, "weight decay; if not given, teachers 1e-4 (He et al.), students 0 (paper "
+                                           "silent)")
+    optimizer: str = opt("auto", "auto (the paper's rule: SGD for teachers and KD students at t1 <= 1, else "
+                                 "Adam), sgd or adam", choices=OPTIMIZERS)
+    crop_padding: int | None = opt(None, "random-crop padding in pixels; if not given, 4")
+    flip: bool | None = opt(None, "random horizontal flip; if not given, on for cifar10, off for svhn and digits")
+    seed: int = opt(0, "seed for weights, shuffling, augmentation and attacks")
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    eval_batch_size: int = opt(500, "fixed evaluation batch size (dopri5's step is shared by a batch)")
+    limit_train: int | None = opt(None, "train on the first N training images only", metavar="N")
+    limit_test: int | None = opt(None, "evaluate on the first N test images only", metavar="N")
+    log_dir: str | None = opt(None, "write TensorBoard event files here")
     synthetic_sizes: tuple = (512, 256)  # (train, test) sizes of the synthetic data set
     eval_computation: str = "reference"  # what the test accuracy after each epoch is computed on: "reference"
                                        # (models.as_reference: fp32 IEEE, torchdiffeq's dopri5, plain step
@@ -106,7 +113,7 @@ class RecipeConfig:
 
 @dataclass
 class TeacherConfig(RecipeConfig):
-    model: str = "resnet20"            # resnet20/32/44/56/110
+    model: str = opt("resnet20", "the teacher ResNet", choices=tuple(RESNET_DEPTHS))
 
     @staticmethod
     def default_epochs():
@@ -129,10 +136,12 @@ class TeacherConfig(RecipeConfig):
 @dataclass
 class StudentConfig(RecipeConfig):
     node: NODEConfig = field(default_factory=NODEConfig)  # the student's architecture and solver
-    kd: bool = True                    # distill from a teacher (False: the no-KD baseline)
-    T: float = 10.0                    # temperature (paper grid: 3, 10, 20)
-    lam: float = 0.9                   # weight of the KD term (paper: 0.9)
-    logits_mode: str = "paper"         # "paper", "views" or "online" (see kd.py)
+    kd: bool = opt(True, "train without distillation (the NODE baseline)", negate=True)
+    T: float = opt(10.0, "KD temperature, > 0 (paper grid: 3, 10, 20)")
+    lam: float = opt(0.9, "weight of the KD term, in [0, 1] (paper: 0.9)")
+    logits_mode: str = opt("paper", "teacher logits: paper (once, on clean images), views (once per crop and flip "
+                                    "view) or online (a teacher forward per batch); see nodekd_ray/kd.py",
+                           choices=LOGIT_MODES)
 
     @staticmethod
     def default_epochs():

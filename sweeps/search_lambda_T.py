@@ -10,8 +10,8 @@ import sys
 
 try:  # Ctrl-C while torch and Ray load: one line, exit 130
     from nodekd_ray.errors import ConfigError
-    from nodekd_ray.orchestration import Resources, SweepFailed, exit_now, run_search, settings_from_args, sweep_parser
-    from nodekd_ray.orchestration.entry import check_job_storage, config_yaml, parse_sweep_args
+    from nodekd_ray.orchestration import SweepFailed, exit_now, run_search, settings_from_args, sweep_parser
+    from nodekd_ray.orchestration.entry import check_job_storage, config_yaml, parse_sweep_args, resources_from_args
 except KeyboardInterrupt:
     sys.exit(print(f"{sys.argv[0]}: interrupted while starting; nothing was written", file=sys.stderr) or 130)
 
@@ -30,16 +30,15 @@ if __name__ == "__main__":
         args = parse_sweep_args(ap, None, ["search"])
         if args.print_config:
             sys.exit(print(config_yaml(args, ap, ["search"]), end="") or 0)
-        args.dataset = args.dataset or ["cifar10"]
-        if len(args.dataset) != 1:
+        datasets = args.datasets or ["cifar10"]
+        if len(datasets) != 1:
             raise ConfigError("dataset", "the search takes one data set")
         storage = args.storage or ("runs/nodekd-smoke" if args.smoke_test else "runs/nodekd")
         check_job_storage(storage)
-        best = run_search(dataset=args.dataset[0], teacher=args.teacher, t1=args.t1, logits_mode=args.logits_mode,
+        best = run_search(dataset=datasets[0], teacher=args.teacher, t1=args.t1, logits_mode=args.logits_mode,
                           num_samples=args.num_samples, settings=settings_from_args(args).validate(),
                           storage_root=storage,
-                          resources=Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_failures,
-                                              max_concurrent=args.max_concurrent).validate(),
+                          resources=resources_from_args(args),
                           lam_range=tuple(args.lam_range), T_range=tuple(args.T_range),
                           grace_fraction=args.grace_fraction,
                           address=args.address, num_cpus=args.num_cpus, dry_run=args.dry_run)

@@ -38,6 +38,7 @@ import warnings
 
 import numpy as np
 
+from ..config_cli import opt
 from ..data import ImageSet, load_dataset
 from ..devices import LOGICAL_GPUS_ENV
 from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
@@ -162,11 +163,16 @@ def _attack_task(job: dict, settings: dict, storage_root: str, data) -> str:
 
 @dataclasses.dataclass
 class Resources:
-    cpus_per_trial: float | None = None   # None (auto): a GPU node's CPUs per GPU for a GPU job, else 1
-    gpus_per_trial: float | None = None   # None: 1 on a cluster (GPU workers may not be up yet); locally the GPUs seen
-    max_failures: int = 2                 # Tune retries of a failed trial, from its last checkpoint
-    attack_retries: int = 2               # Ray retries of an attack task whose worker died
-    max_concurrent: int = 0               # 0: as many trials as the resources allow
+    # the sweep scripts' "cluster and resources" options are generated from these fields (config_cli.py)
+    cpus_per_trial: float | None = opt(None, "CPUs each trial, logits and attack job asks for; none (auto): a GPU "
+                                             "node's CPUs per GPU for a job holding GPUs, e.g. 8 on a g5.2xlarge "
+                                             "(Ray caps a job's threads at its CPUs), 1 for a CPU job")
+    gpus_per_trial: float | None = opt(None, "GPUs each trial, logits and attack job asks for, may be fractional; "
+                                             "none: 1 on a cluster (also before a GPU node is up: the autoscaler "
+                                             "starts one), else 1 if this machine has a GPU; 0 runs on CPUs")
+    max_failures: int = opt(2, "retries of a failed trial from its last checkpoint")
+    attack_retries: int = opt(2, "retries of an attack task whose worker died")
+    max_concurrent: int = opt(0, "cap on trials at once; 0: as many as the resources allow")
 
     def validate(self):
         if self.cpus_per_trial is not None and not 0 < self.cpus_per_trial < float("inf"):

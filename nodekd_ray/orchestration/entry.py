@@ -13,70 +13,68 @@ from ..sweep import SCALES, Settings, SweepSpec, expected_cost, job_config, list
 from .driver import Resources, exit_now, gpu_node_cpus_per_gpu, run_sweep, stages
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default also prints the usage)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from ..config_cli import OneLineParser as _Parser
+
+
+# The sweep scripts' options generated from dataclass fields (config_cli.py), by group: the names, types, choices and
+# help are the fields', and nodekd's options for the same fields have the same names (cli.py)
+GRID_FIELDS = ("datasets", "teachers", "temperatures", "kd_horizons", "baseline_horizons", "lam", "logits_mode")
+SEARCH_GRID_FIELDS = ("datasets", "logits_mode")           # the search draws lam and T; --teacher and --t1: its own
+ATTACK_FIELDS = ("attacks", "eps_255")                      # presets.SweepSpec
+TRAINING_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "limit_train",
+                   "limit_test")                            # train.RecipeConfig, for teachers and students
+NODE_FIELDS = ("width",)                                    # models.NODEConfig, for the students
+DATA_FIELDS = ("data_root", "download")                     # train.RecipeConfig
+RESOURCE_FIELDS = ("cpus_per_trial", "gpus_per_trial", "max_failures", "attack_retries", "max_concurrent")
+SEARCH_RESOURCE_FIELDS = tuple(f for f in RESOURCE_FIELDS if f != "attack_retries")
 
 
 def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default_scale="paper", *,
                  search: bool = False) -> argparse.ArgumentParser:
-    """Every sweep script's command line, in groups. search: the λ/T search's, without the grid's and the
-    attacks' flags (it searches λ and T, trains one seed, and attacks nothing): a flag it would not use is
-    refused by argparse, not ignored."""
+    """Every sweep script's command line, in groups, generated from the fields of SweepSpec, RecipeConfig,
+    NODEConfig and Resources. search: the λ/T search's, without the grid's and the attacks' flags (it searches λ
+    and T, trains one seed, and attacks nothing): a flag it would not use is refused by argparse, not ignored."""
     from .._version import version_line
-    from ..models import SPEED_HELP, SPEEDS
+    from ..config_cli import add_dataclass_arguments
+    from ..models import SPEED_HELP, SPEEDS, NODEConfig
+    from ..train import RecipeConfig
 
     ap = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=version_line())
     c = ap.add_argument_group("configuration file")
     c.add_argument("--config", metavar="FILE.yaml",
-                   help="options from a YAML file (keys: these options' names, e.g. temperatures: [3, 10]); flags "
-                        "given on the command line override it. Examples: configs/")
+                   help="options from a YAML file (keys: these options' names, e.g. T: [3, 10]); flags given on the "
+                        "command line override it. Examples: configs/")
     c.add_argument("--print-config", action="store_true",
                    help="print the options in effect (file, then flags) as YAML, a file --config reads back, with "
                         "the grid they make; start nothing")
-    g = ap.add_argument_group("what to run")
-    g.add_argument("--dataset", nargs="+", default=None, metavar="NAME",
-                   help=f"data sets, from {', '.join(DATASETS)} (default: the sweep's own, "
-                        f"{' '.join(default_datasets)}; Table 3 is CIFAR10 only)")
+    g = ap.add_argument_group(f"what to run (default: the sweep's own grid; its data sets: {' '.join(default_datasets)})")
+    add_dataclass_arguments(g, SweepSpec, SEARCH_GRID_FIELDS if search else GRID_FIELDS, many=True,
+                            unset="the sweep's own")
     g.add_argument("--scale", default=default_scale, choices=tuple(SCALES),
                    help=f"settings preset (default {default_scale}): paper (the paper's recipe), digits (students "
                         "that learn on digits on a CPU: width 32, Adam, reduced-strength audit attacks), demo (digits "
-                        "cut to ~10 minutes), smoke (plumbing only); see nodekd_ray/sweep.py")
+                        "cut to ~10 minutes), smoke (plumbing only); see nodekd_ray/presets.py")
     g.add_argument("--smoke-test", action="store_true", help="the same as --scale smoke: tiny models, seconds")
     if not search:
-        g.add_argument("--seeds", type=int, default=None, help="seeds per trial (default: the sweep's own: 1; the "
-                                                               "audit 3)")
-        g.add_argument("--teachers", nargs="+", default=None, metavar="ARCH", help="override the sweep's teachers")
-        g.add_argument("--temperatures", nargs="+", type=float, default=None, metavar="T", help="override T")
-        g.add_argument("--horizons", nargs="+", type=float, default=None, metavar="T1",
-                       help="override the KD horizons")
-        g.add_argument("--baseline-horizons", nargs="+", type=float, default=None, metavar="T1",
-                       help="override the horizons of the no-KD NODE baselines")
-        g.add_argument("--lam", type=float, default=0.9, help="KD weight lambda (default: the paper's 0.9)")
-    g.add_argument("--logits-mode", default="paper", help="paper (default), views or online (see nodekd_ray/kd.py)")
+        g.add_argument("--seeds", type=int, default=None, metavar="N",
+                       help="seeds 0..N-1 of every trial (default: the sweep's own: 1; the audit 3)")
     g.add_argument("--dry-run", action="store_true",
                    help="check the settings and the storage, print the plan, start nothing")
 
-    t = ap.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=None, help="epochs for teachers and students (default: the scale's; "
-                                                            "paper: the paper's)")
-    t.add_argument("--width", type=int, default=None, help="NODE width (default: the scale's; paper: 512)")
-    t.add_argument("--limit-train", type=int, default=None, metavar="N",
-                   help="teachers and students train on the first N training images (default: all)")
-    t.add_argument("--limit-test", type=int, default=None, metavar="N",
-                   help="clean accuracy on the first N test images (default: all)")
+    t = ap.add_argument_group("training (teachers and students; default: the scale's, else the paper's recipe)")
+    add_dataclass_arguments(t, RecipeConfig, TRAINING_FIELDS, unset="the scale's, else the paper's")
+    add_dataclass_arguments(t, NODEConfig, NODE_FIELDS, unset="the scale's, else the paper's")
     t.add_argument("--speed", default=None, choices=SPEEDS, help=SPEED_HELP)
     t.add_argument("--node", action="append", default=None, metavar="FIELD=VALUE",
                    help="expert: set one NODEConfig field of every student on top of --speed (e.g. precision=bf16, "
                         "recompute=true); repeatable; see nodekd_ray/models.py, NODEConfig")
 
     if not search:
-        a = ap.add_argument_group("attacks")
-        a.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
-                       help="override the sweep's attacks (paper: pgd mifgsm; audit attacks: nodekd_ray/attacks.py)")
-        a.add_argument("--attack-images", type=int, default=None, help="test images attacked (default: the "
-                                                                        "scale's; paper: 1000)")
+        a = ap.add_argument_group("attacks (default: the sweep's own; attacked images and strength: the scale's)")
+        add_dataclass_arguments(a, SweepSpec, ATTACK_FIELDS, many=True, unset="the sweep's own")
+        a.add_argument("--attack-images", type=int, default=None, metavar="N",
+                       help="test images attacked (default: the scale's; paper: 1000)")
         a.add_argument("--eval-as-trained", action="store_true",
                        help="attacks and their clean pass compute with the students' training settings instead of "
                             "the reference computation (fp32 IEEE, torchdiffeq's dopri5, plain step control); rows "
@@ -88,29 +86,14 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
                         "file://...); default $NODEKD_STORAGE, else runs/nodekd (runs/nodekd-SCALE for other scales)")
     if not search:
         d.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --storage")
-    d.add_argument("--data-root", default=os.environ.get("NODEKD_DATA_ROOT", "data"),
-                   help="where cifar10/svhn live (default $NODEKD_DATA_ROOT, else data)")
-    d.add_argument("--download", action="store_true", help="download missing cifar10/svhn files")
+    add_dataclass_arguments(d, RecipeConfig, DATA_FIELDS, unset="$NODEKD_DATA_ROOT, else data")
 
     r = ap.add_argument_group("cluster and resources")
     r.add_argument("--address", default=None,
                    help="Ray cluster address; 'local' starts a fresh local instance (default: join a running "
                         "cluster, else local)")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
-    r.add_argument("--cpus-per-trial", type=float, default=None,
-                   help="CPUs each trial, logits and attack job asks for (default: auto, a GPU node's CPUs per "
-                        "GPU for a job holding GPUs, e.g. 8 on a g5.2xlarge: Ray caps a job's threads at its CPUs; "
-                        "1 for a CPU job)")
-    r.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="GPUs each trial, logits and attack job asks for; may be fractional. Default: 1 on a "
-                        "cluster (also before a GPU node is up: the autoscaler starts one), else 1 if this "
-                        "machine has a GPU; 0 runs on CPUs")
-    r.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial from its checkpoint "
-                                                                "(default 2)")
-    if not search:
-        r.add_argument("--attack-retries", type=int, default=2, help="retries of an attack task whose worker died "
-                                                                      "(default 2)")
-    r.add_argument("--max-concurrent", type=int, default=0, help="cap on trials at once (default 0: no cap)")
+    add_dataclass_arguments(r, Resources, SEARCH_RESOURCE_FIELDS if search else RESOURCE_FIELDS)
     if not search:
         r.add_argument("--plan-gpus", type=int, default=8, help="GPUs assumed by --dry-run's schedule estimate "
                                                                  "(default 8)")
@@ -118,6 +101,12 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
                        help="--dry-run: measured costs (benchmarks/bench_student.py --out, `nodekd costs`) that "
                             "turn the plan into GPU-hours and a makespan on --plan-gpus GPUs (nodekd_ray/costs.py)")
     return ap
+
+
+def resources_from_args(args) -> Resources:
+    from ..config_cli import given_values
+
+    return Resources(**given_values(args, RESOURCE_FIELDS)).validate()
 
 
 # Set by Ray's job supervisor in the environment of a job's entrypoint (`ray job submit`, a KubeRay RayJob).
@@ -142,18 +131,17 @@ def check_storage(storage: str) -> None:
 
 
 def settings_from_args(args) -> Settings:
+    from ..config_cli import given_values
+
     scale = SCALES[scale_of(args)]
     teacher, student = dict(scale.get("teacher", {})), dict(scale.get("student", {}))
     attack_images = scale.get("attack_images", 1000)
+    recipe = given_values(args, TRAINING_FIELDS)
     for d in (teacher, student):
-        d["data_root"], d["download"] = args.data_root, args.download
-        if args.epochs is not None:
-            d["epochs"] = args.epochs
-        for name in ("limit_train", "limit_test"):
-            if getattr(args, name, None) is not None:
-                d[name] = getattr(args, name)
-    if args.width is not None:
-        student["width"] = args.width
+        d["data_root"] = getattr(args, "data_root", None) or os.environ.get("NODEKD_DATA_ROOT", "data")
+        d["download"] = bool(getattr(args, "download", False))
+        d.update(recipe)
+    student.update(given_values(args, NODE_FIELDS))
     if getattr(args, "speed", None) not in (None, "default"):
         student["speed"] = args.speed             # resolved per device in sweep.student_config
     if getattr(args, "node", None):
@@ -176,27 +164,28 @@ def scale_of(args) -> str:
 
 def apply_args(spec: SweepSpec, args) -> SweepSpec:
     """The sweep's spec with the scale's grid for this sweep (SCALES[...]["grid"][spec.name], e.g. the
-    digits audit's T and horizons), then the command line's overrides."""
+    digits audit's T and horizons), then the command line's overrides, field by field."""
+    from ..config_cli import given_values
+
     scale = SCALES[scale_of(args)]
     spec = dataclasses.replace(spec, **scale.get("grid", {}).get(spec.name, {}))
-    kw = dict(datasets=tuple(args.dataset) if args.dataset else spec.datasets,
-              seeds=tuple(range(args.seeds)) if args.seeds is not None else spec.seeds,
-              lam=args.lam, logits_mode=args.logits_mode)
-    if args.teachers is not None:
-        if spec.teachers:
-            kw["teachers"] = tuple(args.teachers)
-        if spec.kd_teachers:
-            kw["kd_teachers"] = tuple(args.teachers)
-    if args.temperatures is not None:
-        kw["temperatures"] = tuple(args.temperatures)
-    if args.horizons is not None:
-        kw["kd_horizons"] = tuple(args.horizons)
-    if getattr(args, "attacks", None) is not None:
-        kw["attacks"] = tuple(args.attacks)
-    if args.baseline_horizons is not None and spec.baseline_horizons:
-        kw["baseline_horizons"] = tuple(args.baseline_horizons)
     if "eps_255" in scale:
-        kw["eps_255"] = tuple(scale["eps_255"])
+        spec = dataclasses.replace(spec, eps_255=tuple(scale["eps_255"]))
+    fields = {f.name: f for f in dataclasses.fields(SweepSpec)}
+    kw = {}
+    for name, value in given_values(args, GRID_FIELDS + ATTACK_FIELDS).items():
+        convert = fields[name].metadata.get("convert", tuple)
+        kw[name] = value if isinstance(value, str) else convert(value)
+    teachers = kw.pop("teachers", None)
+    if teachers is not None:     # --teacher: the sweep's teachers, and the ones it distills
+        if spec.teachers:
+            kw["teachers"] = teachers
+        if spec.kd_teachers:
+            kw["kd_teachers"] = teachers
+    if "baseline_horizons" in kw and not spec.baseline_horizons:
+        del kw["baseline_horizons"]          # a sweep without no-KD NODEs (Table 2) does not grow them
+    if getattr(args, "seeds", None) is not None:
+        kw["seeds"] = tuple(range(args.seeds))
     return dataclasses.replace(spec, **kw)
 
 
@@ -204,14 +193,28 @@ def apply_args(spec: SweepSpec, args) -> SweepSpec:
 _NOT_CONFIG = ("help", "version", "config", "print_config", "dry_run")
 
 
-def _config_options(ap) -> dict:
-    return {a.dest: a for a in ap._actions if a.dest not in _NOT_CONFIG and a.option_strings}
+def _key(option_string: str) -> str:
+    return option_string.lstrip("-").replace("-", "_")
+
+
+def _config_options(ap, *, shown: bool = False) -> dict:
+    """Config-file key -> the option's action: every option's name in the config files' spelling (underscores),
+    older names (aliases) included; shown: only the options --help shows, by their current names."""
+    out = {}
+    for a in ap._actions:
+        if a.dest in _NOT_CONFIG or not a.option_strings:
+            continue
+        if shown and a.help == argparse.SUPPRESS:
+            continue
+        for o in a.option_strings:
+            out.setdefault(_key(o), a)
+    return out
 
 
 def read_config(path: str, ap, sweep_names) -> dict:
     """A --config file's options, checked against the parser: unknown keys, wrong types and values outside an
     option's choices are one-line ConfigErrors naming the key. ``sweep``, when given, must name this script's
-    sweep."""
+    sweep. Returns the options' values by their parser destinations (the dataclass fields)."""
     import yaml
 
     try:
@@ -231,32 +234,32 @@ def read_config(path: str, ap, sweep_names) -> dict:
         raise ConfigError("config", f"{path} is for the {sweep!r} sweep; this script runs {'+'.join(sweep_names)}")
     out = {}
     for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest not in options:
-            raise ConfigError(f"config.{key}", f"unknown option; allowed: {', '.join(sorted(options))}")
-        a = options[dest]
+        name = str(key).replace("-", "_")
+        if name not in options:
+            raise ConfigError(f"config.{key}", f"unknown option; allowed: "
+                                               f"{', '.join(sorted(_config_options(ap, shown=True)))}")
+        a = options[name]
         if value is None:           # null: the option's own default (what --print-config writes for it)
-            out[dest] = a.default
+            out[a.dest] = a.default
             continue
         many = a.nargs in ("+", "*") or isinstance(a, argparse._AppendAction)
         values = value if isinstance(value, list) else [value]
         if not many and isinstance(value, list):
             raise ConfigError(f"config.{key}", f"takes one value, got a list: {value}")
-        if isinstance(a, (argparse._StoreTrueAction,)):
+        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(value, bool):
                 raise ConfigError(f"config.{key}", f"must be true or false, got {value!r}")
-            out[dest] = value
+            out[a.dest] = value
             continue
         try:
-            conv = [a.type(v) if a.type is not None and v is not None else (str(v) if v is not None else None)
-                    for v in values]
-        except (TypeError, ValueError):
+            conv = [a.type(v if a.type is not str else str(v)) if a.type is not None else str(v) for v in values]
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
             raise ConfigError(f"config.{key}", f"must be {getattr(a.type, '__name__', 'a string')} values, got "
                                                f"{value!r}") from None
         for v in conv:
             if a.choices is not None and v not in a.choices:
                 raise ConfigError(f"config.{key}", f"must be one of {', '.join(map(str, a.choices))}, got {v!r}")
-        out[dest] = conv if many else conv[0]
+        out[a.dest] = conv if many else conv[0]
     return out
 
 
@@ -272,7 +275,9 @@ def config_yaml(args, ap, sweep_names, specs=()) -> str:
     """--print-config: the options in effect as YAML that --config reads back, then the grid as comments."""
     import yaml
 
-    options = {d: getattr(args, d) for d in _config_options(ap)}
+    options = {k: getattr(args, a.dest) for k, a in _config_options(ap, shown=True).items()
+               if k == _key(a.option_strings[0])}
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
     text = yaml.safe_dump({"sweep": "+".join(sweep_names), **options}, sort_keys=False, default_flow_style=None)
     for s in specs:
         grid = {k: v for k, v in dataclasses.asdict(s).items() if v not in ((), None)}
@@ -299,8 +304,7 @@ def main(specs, argv=None, *, description: str, default_datasets=("cifar10", "sv
         if args.print_config:
             print(config_yaml(args, ap, names, specs), end="")
             return 0
-        resources = Resources(args.cpus_per_trial, args.gpus_per_trial, args.max_failures,
-                              attack_retries=args.attack_retries, max_concurrent=args.max_concurrent).validate()
+        resources = resources_from_args(args)
         storage = args.storage or {"smoke": "runs/nodekd-smoke", "paper": "runs/nodekd"}.get(
             scale_of(args), f"runs/nodekd-{scale_of(args)}")
         check_job_storage(storage)
