@@ -21,12 +21,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 # and five audit attacks at eps 0, 4, 8, 16/255 on 50 test images, Parquet, Tables 1-3, Figure 1,
 # audit.md and the verdicts. One seed, so the KD and horizon verdicts say "inconclusive"; `make audit`
 # runs the 3-seed study. A rerun skips finished work (delete runs/demo-digits to start over).
-DEMO_ARGS := --scale demo --seeds 1 --attacks pgd mifgsm pgd-conv apgd-ce square transfer-teacher tol-1e-1
+DEMO_ARGS := --scale demo --seeds 1 --attack pgd mifgsm pgd-conv apgd-ce square transfer-teacher tol-1e-1
 demo: $(VENV)/.installed       ## the main job: a 10-minute attack audit on digits, local Ray
 	$(PY) sweeps/audit.py $(DEMO_ARGS) --storage runs/demo-digits --resume
 
 # The paper's whole pipeline (Tables 1-3, Figure 1) with smoke settings: plumbing, not results.
-DEMO_GRID := --dataset digits --smoke-test --teachers resnet20 resnet32 --temperatures 3 10
+DEMO_GRID := --dataset digits --smoke-test --teacher resnet20 resnet32 --T 3 10
 smoke: $(VENV)/.installed      ## the paper's four sweeps at smoke scale (students near chance)
 	$(PY) sweeps/paper.py $(DEMO_GRID) --storage runs/demo --resume
 

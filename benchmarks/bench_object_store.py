@@ -28,7 +28,7 @@ def main():
     import ray
     from ray import tune
 
-    from nodekd_ray.orchestration import driver as O
+    from nodekd_ray.orchestration import cluster, driver, tasks
     from nodekd_ray import sweep as S
     from nodekd_ray.kd import compute_logit_table
     from nodekd_ray.models import load_checkpoint
@@ -41,11 +41,11 @@ def main():
     n_students = len(S.plan([spec]).students)
     root = tempfile.mkdtemp(prefix="bench-object-store-")
     quiet = lambda *a, **k: None  # noqa: E731
-    O.connect("local", num_cpus=2)
+    cluster.connect("local", num_cpus=2)
 
     # shared: the orchestration layer as users run it
     t0 = time.perf_counter()
-    summary = O.run_sweep([spec], settings, os.path.join(root, "shared"), log=quiet)
+    summary = driver.run_sweep([spec], settings, os.path.join(root, "shared"), log=quiet)
     shared_wall = time.perf_counter() - t0
     st = S.Storage(os.path.join(root, "shared"))
     side = json.load(open(st.logits("teacher-digits-resnet20-s0", args.mode, "json")))
@@ -57,13 +57,13 @@ def main():
     base_root = os.path.join(root, "baseline")
     os.makedirs(os.path.join(base_root, "models"))
     os.link(st.model("teacher-digits-resnet20-s0"), os.path.join(base_root, "models", "teacher-digits-resnet20-s0.pt"))
-    data_ref = ray.remote(O._load_data).remote("digits", "data", False, (512, 256))
+    data_ref = ray.remote(tasks._load_data).remote("digits", "data", False, (512, 256))
 
     def own_table_trial(config, data_refs, settings, storage_root):
-        job = O.job_from_dict(config["job"])
+        job = tasks.job_from_dict(config["job"])
         s = S.Settings(**settings)
         storage = S.Storage(storage_root)
-        data = O.data_from_ref(ray.get(data_refs["digits"]))
+        data = tasks.data_from_ref(ray.get(data_refs["digits"]))
         cfg = S.student_config(job, s)
         train = data[0].take(cfg.limit_train)
         t = time.perf_counter()
@@ -79,7 +79,7 @@ def main():
     grid = tune.Tuner(
         tune.with_resources(tune.with_parameters(own_table_trial, data_refs={"digits": data_ref}, settings=settings.to_dict(),
                                                  storage_root=base_root), {"cpu": 1}),
-        param_space={"job": tune.grid_search([O.job_to_dict(j) for j in jobs])},
+        param_space={"job": tune.grid_search([tasks.job_to_dict(j) for j in jobs])},
         run_config=tune.RunConfig(name="baseline", storage_path=os.path.join(base_root, "tune"), verbose=0),
     ).fit()
     base_wall = time.perf_counter() - t0

@@ -81,7 +81,8 @@ def costs_from_records(records) -> dict:
 def job_seconds(job, settings, costs: dict, model=None) -> tuple[float, str]:
     """(GPU-seconds, how: "measured" or "rate") of one job under these costs; ConfigError when the
     file has neither the job's seconds per epoch nor the rate its kind needs."""
-    from .sweep import AttackJob, TeacherJob, expected_cost, job_config
+    from .jobs import AttackJob, TeacherJob, job_config
+    from .schedule import expected_cost
 
     if not isinstance(job, AttackJob) and job.key in costs["seconds_per_epoch"]:
         return job_config(job, settings).resolved_epochs() * costs["seconds_per_epoch"][job.key], "measured"

@@ -1,5 +1,5 @@
 """The paper's sweeps and the scales they run at: what to train and attack (SweepSpec, PRESETS) and the
-settings presets (--scale paper|digits|demo|smoke: SCALES). Plain data; sweep.py turns them into jobs."""
+settings presets (--scale paper|digits|demo|smoke: SCALES). Plain data; jobs.py turns them into jobs."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -14,7 +14,9 @@ import statistics
 
 from .audit import audit_markdown, computation_key, mixed_cells, model_flags, verdict_lines
 from .audit import label as _label
-from .sweep import TEACHERS, Storage, read_attacks
+from .presets import TEACHERS
+from .storage import Storage
+from .work import read_attacks
 from .names import DATASET_NAMES, MODEL_NAMES
 
 # The paper's numbers (accuracy, %): Table 1, Table 2 (NODE(1) students), Table 3.

@@ -1,6 +1,6 @@
 """``nodekd verify STORAGE``: what a sweep folder holds, checked the way the sweep reads it.
 
-Every artifact is checked as its reader checks it (storage.py, sweep.py): trial records parse;
+Every artifact is checked as its reader checks it (storage.py, work.py): trial records parse;
 a finished job's model matches the size and SHA-256 recorded when it was written (older records:
 it loads as the expected architecture); a logits table matches its sidecar and the teacher that
 is there now; an attack file opens as Parquet with the attack schema and one row per eps, made
@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 from .errors import ConfigError
 from .storage import Damaged, Storage
-from .sweep import AttackJob, _attack_table_problem, attack_problem, logits_problem, record_arch
+from .jobs import AttackJob
+from .work import _attack_table_problem, attack_problem, logits_problem, record_arch
 
 
 @dataclass
@@ -135,7 +136,7 @@ def verify(root: str) -> VerifyReport:
         else:
             rep.add("attack files")
     from .audit import mixed_cells
-    from .sweep import read_attacks
+    from .work import read_attacks
 
     for (ds, attack, model, e), how in sorted(mixed_cells(read_attacks(st).to_pylist()).items()):
         rep.mixed.append(f"{ds} {attack} {model} eps {e:g}/255: its seeds' rows were computed differently "

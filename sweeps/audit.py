@@ -7,7 +7,7 @@ claim. Digits at --scale digits by default: T = 3, horizons 1 and 10, about 55 m
 (the paper's T = 10 and horizons 1 and 100 at --scale paper; see nodekd_ray/sweep.py, DIGITS).
 
     python sweeps/audit.py --storage runs/digits-audit       # the digits study: 3 seeds (make audit)
-    python sweeps/audit.py --scale demo --seeds 1 --attacks pgd mifgsm pgd-conv apgd-ce square \
+    python sweeps/audit.py --scale demo --seeds 1 --attack pgd mifgsm pgd-conv apgd-ce square \
         transfer-teacher tol-1e-1                            # make demo: one seed, NODE(1), 2.5-10 min
     python sweeps/audit.py --dataset cifar10 --scale paper   # the paper's scale (GPU cluster)
     python sweeps/audit.py --smoke-test                      # plumbing only (tests)

@@ -1,5 +1,5 @@
 """Figure 1: accuracy vs eps (0..20/255) under PGD and MI-FGSM of the ResNet teacher, NODE(1),
-NODE(100) and their KD students (ResNet44, T = 10 unless --teachers / --temperatures).
+NODE(100) and their KD students (ResNet44, T = 10 unless --teacher / --T).
 
     python sweeps/figure1.py --dataset cifar10 svhn
     python sweeps/figure1.py --dataset digits --smoke-test

@@ -2,7 +2,7 @@
 trained once and shared by every table).
 
     python sweeps/paper.py --dataset cifar10 svhn
-    python sweeps/paper.py --dataset digits --smoke-test --teachers resnet20 resnet32 --temperatures 3 10
+    python sweeps/paper.py --dataset digits --smoke-test --teacher resnet20 resnet32 --T 3 10
 """
 import sys
 

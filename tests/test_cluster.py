@@ -114,7 +114,7 @@ def test_a_job_holding_a_gpu_it_cannot_use_fails_in_one_line(monkeypatch, tmp_pa
 def test_connect_never_falls_back_to_a_local_instance(monkeypatch):
     import ray
 
-    from nodekd_ray.orchestration import driver
+    from nodekd_ray.orchestration import cluster as driver
 
     calls, real_lookup = [], driver.running_cluster
 
@@ -151,7 +151,7 @@ def test_address_local_starts_its_own_instance_beside_a_ray_start_address_file(t
             f.write("192.0.2.2:6379")   # TEST-NET: nothing answers there
         env = dict(os.environ, RAY_TMPDIR=tmp)
         env.pop("RAY_ADDRESS", None)
-        code = ("from nodekd_ray.orchestration.driver import connect, running_cluster\n"
+        code = ("from nodekd_ray.orchestration.cluster import connect, running_cluster\n"
                 "print('found', running_cluster())\n"
                 "print('joined', connect('local', num_cpus=1))\n")
         r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
@@ -170,7 +170,7 @@ def test_a_cluster_address_where_nothing_answers_is_refused_in_seconds(monkeypat
     ray.init waits on a GCS that is gone for more than 10 minutes; the driver's probe refuses it at once."""
     import socket
 
-    from nodekd_ray.orchestration import driver
+    from nodekd_ray.orchestration import cluster as driver
 
     with socket.socket() as s:   # a port of this machine that nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -302,7 +302,7 @@ def test_ray_submit_keeps_a_storage_uri_intact(monkeypatch, tmp_path, tmux):
 
 def test_cpus_per_trial_auto_takes_a_gpu_nodes_cpus_per_gpu(tmp_path):
     from nodekd_ray.orchestration import Resources
-    from nodekd_ray.orchestration.driver import gpu_node_cpus_per_gpu
+    from nodekd_ray.orchestration.cluster import gpu_node_cpus_per_gpu
 
     # live nodes: the fewest CPUs per GPU among nodes with GPUs; the CPU head does not count
     assert gpu_node_cpus_per_gpu([{"CPU": 8}, {"CPU": 8, "GPU": 1}, {"CPU": 48, "GPU": 4}]) == 8

@@ -131,7 +131,7 @@ def test_ctrl_c_while_starting_is_one_line_and_releases_the_lock(tmp_path):
 
 FINALIZER_CTRL_C = """
 import sys
-from nodekd_ray.orchestration.driver import CtrlC, SweepInterrupted
+from nodekd_ray.orchestration.interrupt import CtrlC, SweepInterrupted
 class CtrlCInFinalizer:                  # a Ctrl-C that lands while Python runs a __del__
     def __init__(self, ctrl_c):
         self.ctrl_c = ctrl_c

@@ -316,7 +316,7 @@ def test_sigint_watch_sees_a_ctrl_c_that_tunes_handler_swallowed_and_restores_th
     the watch is how the driver knows the stage was interrupted rather than failed."""
     from ray.tune.tune import _setup_signal_catching
 
-    from nodekd_ray.orchestration.driver import SigintWatch
+    from nodekd_ray.orchestration.interrupt import SigintWatch
 
     before = signal.getsignal(signal.SIGINT)
     with SigintWatch() as watch:  # a fit() without Ctrl-C leaves Tune's handler installed

@@ -1,12 +1,17 @@
 """The Ray layer: the only part of nodekd_ray that imports Ray (inside functions, so importing
 this package needs Ray installed but starts nothing).
 
-  driver   connects to a cluster, schedules the stages (Tune grids, logits and attack tasks),
-           places jobs on GPUs and collects failures
+  driver   runs a sweep: the stages (Tune grids, logits and attack tasks) in order, and their failures
+  cluster  joins a cluster or starts a local instance; what each job asks for (Resources)
+  tasks    what runs in the workers: the data in the object store, the trainable, the logits and attack tasks
+  interrupt  Ctrl-C during a sweep
+  progress one progress line per stage event instead of Tune's tables
   search   the lambda / T search (Optuna TPE + ASHA over full-length schedules)
   entry    the sweep scripts' command line, --dry-run plans and the printed summary
 """
-from .driver import Resources, SweepFailed, SweepInterrupted, connect, exit_now, run_sweep, running_cluster, stages
+from .cluster import Resources, connect, running_cluster
+from .driver import SweepFailed, run_sweep, stages
+from .interrupt import SweepInterrupted, exit_now
 from .entry import apply_args, main, print_plan, print_summary, settings_from_args, sweep_parser
 from .search import run_search
 

@@ -1,6 +1,6 @@
 """The sweep driver: connects to Ray, runs the stages, collects failures.
 
-Pipeline (sweep.py names the jobs and does their work; this module schedules it):
+Pipeline (jobs.py names the jobs, work.py does their work; this module schedules it):
   1. data      one Ray task per data set reads it (a file lock guards downloads on each node)
                and returns it as numpy arrays into the object store; trials get references.
   2. teachers  a Ray Tune grid of the ResNet teachers, longest expected first
@@ -27,286 +27,20 @@ Tune experiment (finished trials are not rerun, unfinished ones restart from the
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import signal
-import sys
-import tempfile
-import threading
 import time
-import warnings
 
-import numpy as np
 
-from ..config_cli import opt
-from ..data import ImageSet, load_dataset
-from ..devices import LOGICAL_GPUS_ENV
 from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
-from ..faults import ENV as FAULTS_ENV
-from .progress import quiet_trial, quiet_tune, stage_progress
+from ..jobs import Settings, job_config, plan
 from ..lock import StorageLock
-from ..storage import Damaged
-from ..sweep import (AttackJob, Settings, Storage, StudentJob, TeacherJob, attack_problem, job_config, logit_table,
-                     longest_first, plan, run_attack, run_training)
-
-FORWARDED_ENV = (FAULTS_ENV, LOGICAL_GPUS_ENV)   # reach every Ray worker through runtime_env
-
-
-# ----------------------------------------------------------------------------- data in the object store
-
-
-def _to_numpy(s: ImageSet) -> dict:
-    return {"images": s.images.numpy(), "labels": s.labels.numpy(), "num_classes": s.num_classes, "name": s.name}
-
-
-def _from_numpy(d: dict) -> ImageSet:
-    import torch
-
-    with warnings.catch_warnings():  # read-only object-store memory, never written to
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        return ImageSet(torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]), d["num_classes"], d["name"])
-
-
-def data_from_ref(value) -> tuple[ImageSet, ImageSet]:
-    return _from_numpy(value[0]), _from_numpy(value[1])
-
-
-def _load_data(name: str, root: str, download: bool, synthetic_sizes) -> tuple[dict, dict]:
-    train, test = load_dataset(name, root=root, download=download, synthetic_sizes=tuple(synthetic_sizes))
-    return _to_numpy(train), _to_numpy(test)
-
-
-# ----------------------------------------------------------------------------- trainables and tasks
-
-
-def job_to_dict(job) -> dict:
-    return {"type": type(job).__name__, "key": job.key, **dataclasses.asdict(job)}
-
-
-def job_from_dict(d: dict):
-    d = {k: v for k, v in d.items() if k != "key"}
-    cls = {"TeacherJob": TeacherJob, "StudentJob": StudentJob, "AttackJob": AttackJob}[d.pop("type")]
-    if cls is AttackJob:
-        d["eps_255"] = tuple(d["eps_255"])
-    return cls(**d)
-
-
-def use_held_cpus() -> int:
-    """torch's threads = the CPUs this Ray job holds (Ray sets OMP_NUM_THREADS from them when the worker
-    starts; a worker reused for a job of another size keeps its first value without this)."""
-    import ray
-    import torch
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    if cpus:
-        torch.set_num_threads(max(1, int(cpus)))
-    return torch.get_num_threads()
-
-
-def train_trial(config, *, data_refs, table_refs, settings, storage_root, resume_path=None):
-    """The Tune function trainable for teachers and students alike. ``resume_path``: a checkpoint's
-    state.pt in the storage to start from when Tune has none for this trial (the search's interrupted
-    trials, run again in a new Tune experiment)."""
-    import ray
-    import torch
-    from ray import tune
-
-    use_held_cpus()
-    quiet_trial()
-    job = job_from_dict(config["job"])
-    storage = Storage(storage_root)
-    data = data_from_ref(ray.get(data_refs[job.dataset]))
-    table = None
-    if isinstance(job, StudentJob) and job.kd and job.logits_mode != "online":
-        table = ray.get(table_refs[f"{job.teacher_job.key}-{job.logits_mode}"])
-    resume = None
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resume = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    elif resume_path is not None:
-        blob = storage.read_bytes(resume_path)
-        if blob is not None:
-            import io
-
-            resume = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-
-    def report(metrics, state):
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, os.path.join(d, "state.pt"))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-    run_training(job, Settings(**settings), storage, data, table=table, resume=resume, report=report,
-                 held=ray.get_gpu_ids())
-
-
-def _logits_task(teacher: dict, mode: str, settings: dict, storage_root: str, data) -> tuple[str, np.ndarray]:
-    """Two returns: a small status (checked by the driver) and the table (fetched by students only)."""
-    import ray
-
-    use_held_cpus()
-    table = logit_table(job_from_dict(teacher), mode, Settings(**settings), Storage(storage_root),
-                        data_from_ref(data), held=ray.get_gpu_ids())
-    return "ok", table
-
-
-def _attack_task(job: dict, settings: dict, storage_root: str, data) -> str:
-    import ray
-
-    use_held_cpus()
-    return run_attack(job_from_dict(job), Settings(**settings), Storage(storage_root), data_from_ref(data)[1],
-                      held=ray.get_gpu_ids())
-
-
-# ----------------------------------------------------------------------------- the driver
-
-
-@dataclasses.dataclass
-class Resources:
-    # the sweep scripts' "cluster and resources" options are generated from these fields (config_cli.py)
-    cpus_per_trial: float | None = opt(None, "CPUs each trial, logits and attack job asks for; none (auto): a GPU "
-                                             "node's CPUs per GPU for a job holding GPUs, e.g. 8 on a g5.2xlarge "
-                                             "(Ray caps a job's threads at its CPUs), 1 for a CPU job")
-    gpus_per_trial: float | None = opt(None, "GPUs each trial, logits and attack job asks for, may be fractional; "
-                                             "none: 1 on a cluster (also before a GPU node is up: the autoscaler "
-                                             "starts one), else 1 if this machine has a GPU; 0 runs on CPUs")
-    max_failures: int = opt(2, "retries of a failed trial from its last checkpoint")
-    attack_retries: int = opt(2, "retries of an attack task whose worker died")
-    max_concurrent: int = opt(0, "cap on trials at once; 0: as many as the resources allow")
-
-    def validate(self):
-        if self.cpus_per_trial is not None and not 0 < self.cpus_per_trial < float("inf"):
-            raise ConfigError("cpus_per_trial", f"must be > 0 and finite, got {self.cpus_per_trial}")
-        if self.gpus_per_trial is not None and not 0 <= self.gpus_per_trial < float("inf"):
-            raise ConfigError("gpus_per_trial", f"must be >= 0 and finite, got {self.gpus_per_trial}")
-        for name in ("max_failures", "attack_retries", "max_concurrent"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        return self
-
-    def request(self, on_cluster: bool, local_gpus: float = 0.0, cpus_per_gpu: float | None = None) -> dict:
-        """What every GPU-worthy job (trials, logits and attack tasks) asks Ray for.
-
-        On a cluster the default is 1 GPU whether or not a GPU node is up yet: an autoscaling
-        cluster starts with a CPU head only, and the autoscaler launches GPU workers only for
-        jobs that ask for GPUs. On a fresh local instance the default is 1 if this machine has a
-        GPU, else 0. --gpus-per-trial 0 forces CPUs.
-
-        CPUs (--cpus-per-trial, default auto): a job holding GPUs asks for its share of a GPU node's
-        CPUs (``cpus_per_gpu``, from gpu_node_cpus_per_gpu): Ray caps a task's torch threads at the
-        CPUs it holds, and one CPU left the other 7 of a g5.2xlarge idle. A CPU job asks for 1, so that
-        trials run side by side on the cores.
-        """
-        gpus = self.gpus_per_trial
-        if gpus is None:
-            gpus = 1.0 if on_cluster or local_gpus > 0 else 0.0
-        cpus = self.cpus_per_trial
-        if cpus is None:
-            cpus = max(1.0, float(int(gpus * cpus_per_gpu))) if gpus > 0 and cpus_per_gpu else 1.0
-        return {"cpu": cpus, "gpu": gpus}
-
-
-def gpu_node_cpus_per_gpu(nodes=None, bootstrap: str = "~/ray_bootstrap_config.yaml") -> float | None:
-    """CPUs per GPU of the GPU nodes that jobs will run on: the fewest among the live nodes with GPUs,
-    else among the GPU node types of the autoscaler's config (``ray up`` writes it to the head, where
-    the sweep's driver runs), else None (no GPU node known: jobs ask for 1 CPU)."""
-    if nodes is None:
-        import ray
-
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    ratios = [r["CPU"] / r["GPU"] for r in nodes if r.get("GPU", 0) > 0 and r.get("CPU", 0) > 0]
-    if not ratios:
-        path = os.path.expanduser(bootstrap)
-        if os.path.exists(path):
-            try:
-                import yaml
-
-                with open(path) as f:
-                    types = (yaml.safe_load(f) or {}).get("available_node_types", {})
-                ratios = [t["resources"]["CPU"] / t["resources"]["GPU"] for t in types.values()
-                          if t.get("resources", {}).get("GPU", 0) > 0 and t["resources"].get("CPU", 0) > 0]
-            except (OSError, ValueError, KeyError, TypeError, ImportError):
-                ratios = []
-    return min(ratios) if ratios else None
-
-
-def running_cluster() -> str | None:
-    """The address of a running Ray cluster that a driver started here should join: RAY_ADDRESS,
-    else the latest ``ray start`` on this machine (as ray.init(address="auto") finds it); None if none."""
-    from ray._private import services
-
-    try:
-        return services.get_ray_address_from_environment(None, None)
-    except Exception:  # noqa: BLE001 - nothing to join
-        return None
-
-
-_JOINED = False   # whether this process's Ray connection is to a cluster (set by connect)
-PROBE_TIMEOUT_S = 5.0
-
-
-def _unreachable(target: str) -> str | None:
-    """Why nothing answers at a cluster address (a TCP connect to its GCS port), or None when something
-    does or the address is not host:port. ray.init waits for a GCS that is gone for minutes (more than 10
-    for one named by a stale /tmp/ray/ray_current_cluster, measured), so this is asked first."""
-    import socket
-
-    host, sep, port = target.split("://", 1)[-1].rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
-    except OSError as e:
-        return f"nothing answers there ({e.strerror or type(e).__name__})"
-    return None
-
-
-def connect(address: str | None = None, num_cpus: int | None = None, log=print) -> bool:
-    """Joins the Ray cluster at ``address`` (or the running one found here) or, when there is none,
-    starts a local instance; ``address="local"`` always starts a local one. Returns True when it
-    joined a cluster. A cluster that was named or found but cannot be joined is a one-line
-    ``address:`` error, never a silent local instance. Prints the cluster's resources."""
-    import ray
-
-    global _JOINED
-    if ray.is_initialized():  # connected before (a second sweep in one process, a benchmark)
-        return _JOINED
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    kw = {"runtime_env": {"env_vars": env}} if env else {}
-    target = None if address == "local" else (address or running_cluster())
-    if target is None:   # "local", not None: given None, ray.init joins the cluster a `ray start` left in
-        # /tmp/ray/ray_current_cluster (a stale one too) and refuses num_cpus there
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kw)
-        log(f"started a local Ray instance: {_resources_line()}")
-        _JOINED = False
-        return False
-    hint = "is it running? --address local starts a fresh local instance instead"
-    if not address and not os.environ.get("RAY_ADDRESS"):
-        from ray._private.utils import get_ray_address_file
-
-        hint = (f"it is named in {get_ray_address_file(None)}, which a `ray start` on this machine wrote; if that "
-                "cluster is gone, `ray stop` clears it, or --address local starts a fresh local instance")
-    why = _unreachable(target)
-    if why is None:
-        try:  # a cluster found here is joined as "auto": only then does Ray 2.60 use the token `ray start` wrote
-            ray.init(address=address or "auto", **kw)
-        except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError, gRPC errors
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    if why is not None:
-        raise ConfigError("address", f"cannot join the Ray cluster at {target}: {why} ({hint})")
-    log(f"joined the Ray cluster at {target}: {_resources_line()}")
-    _JOINED = True
-    return True
-
-
-def _resources_line() -> str:
-    import ray
-
-    total = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    mem = total.get("memory", 0) / 2**30
-    return (f"{len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs, "
-            f"{mem:.0f} GiB memory")
+from ..schedule import longest_first
+from ..storage import Damaged, Storage
+from ..work import attack_problem
+from .cluster import Resources, connect, gpu_node_cpus_per_gpu
+from .interrupt import CtrlC, SigintWatch, SweepInterrupted
+from .progress import quiet_tune, stage_progress
+from .tasks import _attack_task, _load_data, _logits_task, job_to_dict, train_trial
 
 
 class SweepFailed(RuntimeError):
@@ -318,77 +52,6 @@ def _refused(storage: Storage, existed: bool, err: Exception) -> Exception:
     for its lock (a local folder only when it is empty), so a refused sweep leaves nothing behind."""
     err.before_work = not existed
     return err
-
-
-class SweepInterrupted(KeyboardInterrupt):
-    pass
-
-
-class CtrlC:
-    """A SIGINT handler for a whole sweep that remembers a Ctrl-C as well as raising KeyboardInterrupt
-    where it lands, so that the sweep stops at its next step even when the KeyboardInterrupt is
-    swallowed where it was raised.
-
-    It can be: a Ctrl-C sent while the local Ray instance started (2.9 s after the sweep took its
-    lock, 2 CPUs) was lost in about 1 of 20 tries, and the sweep ran to the end with exit 0
-    (tests/test_integrity_sweep.py::test_ctrl_c_while_starting_is_one_line_and_releases_the_lock
-    failed so on 2026-12-01). Python's own handler was installed throughout; the KeyboardInterrupt
-    it raised did not reach the sweep.
-
-    The handler is installed also where the sweep started with SIGINT ignored (a job that a script
-    put in the background with `&` inherits that), as Tune's fit() does: `kill -INT` stops a sweep
-    the same way wherever it runs.
-
-    Where Python swallows the KeyboardInterrupt (it landed in a finalizer or a weakref callback), it
-    prints "Exception ignored in ..." and a traceback; the sweep's hook for those drops them, as the
-    Ctrl-C is remembered here and ends the sweep in one line (a fresh-clone CI run printed one while
-    the local Ray instance started: "File "<string>", line 0 ... in _on_sigint"). Every other
-    unraisable exception goes to the hook that was there before.
-    """
-
-    def __init__(self):
-        self.seen = False
-        self._main = threading.current_thread() is threading.main_thread()   # signal handlers: main thread only
-        self._before = None
-        self._hook_before = None
-
-    def _on_sigint(self, sig, frame):
-        self.seen = True
-        raise KeyboardInterrupt
-
-    def _unraisable(self, unraisable):
-        if self.seen and isinstance(unraisable.exc_value, KeyboardInterrupt):
-            return
-        (self._hook_before or sys.__unraisablehook__)(unraisable)
-
-    def __enter__(self):
-        if self._main:
-            self._before = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._on_sigint)
-            self._hook_before, sys.unraisablehook = sys.unraisablehook, self._unraisable
-        return self
-
-    def __exit__(self, *exc):
-        if self._main:
-            signal.signal(signal.SIGINT, self._before if self._before is not None else signal.default_int_handler)
-            sys.unraisablehook = self._hook_before
-        return False
-
-    def check(self) -> None:
-        """Raises SweepInterrupted if a Ctrl-C arrived, whether or not its KeyboardInterrupt got through."""
-        if self.seen:
-            raise SweepInterrupted()
-
-
-def exit_now(rc: int) -> None:
-    """Ends a sweep script that was interrupted, once its one-line message is printed and its lock
-    released, without Ray's exit-time shutdown: after a Ctrl-C that shutdown can crash with SIGSEGV
-    in the core worker's disconnect (ray-project/ray#51527; seen once in CI, rc -11 after the right
-    message). The processes of a local instance die with this one (Ray starts them fate-sharing);
-    Tune has already saved the experiment state when the interrupt reaches the script."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
 
 
 def _remove_new_folder(storage: Storage) -> None:
@@ -723,47 +386,6 @@ def _fit(tuner, name, jobs, storage, log) -> set[str]:
     return set(errors)
 
 
-class SigintWatch:
-    """Tells whether a Ctrl-C (SIGINT) arrived during ``tuner.fit()``, and leaves the SIGINT handler
-    as it found it.
-
-    Tune's fit() installs its own SIGINT handler (ray/tune/tune.py, _setup_signal_catching): on the
-    first SIGINT it stops the experiment, saves its state, puts the handler it found back, and
-    returns normally; the trials it was running can come back as errors of any kind, so the
-    results alone cannot tell an interrupted stage from a failed trial. When no SIGINT arrives,
-    Tune leaves its handler installed after fit(), and a Ctrl-C in a later stage (the attacks)
-    would only set the finished experiment's flag. This watch installs a handler of its own before
-    fit(): if Tune put it back, a SIGINT arrived. Where Tune installs none (not the main thread,
-    TUNE_DISABLE_SIGINT_HANDLER=1), the watch's handler is called itself and raises
-    KeyboardInterrupt, Python's default.
-    """
-
-    def __init__(self):
-        self.seen = False
-        self._main = threading.current_thread() is threading.main_thread()
-        self._tune_catches = self._main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
-        self._before = None
-        self._handler = self._on_sigint  # one object, compared by identity in __exit__
-
-    def _on_sigint(self, sig, frame):
-        self.seen = True
-        raise KeyboardInterrupt
-
-    def __enter__(self):
-        if self._main:
-            self._before = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._main:
-            if self._tune_catches and signal.getsignal(signal.SIGINT) is self._handler:
-                self.seen = True
-            before = self._before if self._before is not None else signal.default_int_handler
-            signal.signal(signal.SIGINT, before)  # None: a handler not set from Python
-        return False
-
-
 def _terminated(results) -> set[str]:
     """Keys of the trials Tune ran to the end (status TERMINATED) in a ResultGrid."""
     trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None)
@@ -816,5 +438,3 @@ def _attack_stage(jobs, storage, settings, res, resources, data_refs, failed, lo
             log(f"attacks: FAILED {job.key} ({job.attack}): {errors[f'{job.key}/{job.attack}']}")
     return {"planned": len(jobs), "written": done, "already": len(jobs) - len(todo), "failed": errors,
             "skipped": skipped}
-
-

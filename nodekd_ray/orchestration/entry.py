@@ -6,11 +6,14 @@ import dataclasses
 import os
 import sys
 
-from ..data import DATASETS
 from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
 from ..models import parse_node_overrides
-from ..sweep import SCALES, Settings, SweepSpec, expected_cost, job_config, list_schedule, plan
-from .driver import Resources, exit_now, gpu_node_cpus_per_gpu, run_sweep, stages
+from ..jobs import Settings, job_config, plan
+from ..presets import SCALES, SweepSpec
+from ..schedule import expected_cost, list_schedule
+from .cluster import Resources, gpu_node_cpus_per_gpu
+from .driver import run_sweep, stages
+from .interrupt import exit_now
 
 
 from ..config_cli import OneLineParser as _Parser
@@ -369,7 +372,7 @@ def print_plan(specs, settings: Settings, resources: Resources, storage: str, *,
     GPU-hours, the total, and the makespan on ``workers`` GPUs. Starts nothing, writes nothing."""
     import torch
 
-    from .driver import running_cluster
+    from .cluster import running_cluster
 
     p = plan(specs, eps_per_task=settings.eps_per_task)
     staged = stages(p, settings)

@@ -14,9 +14,13 @@ import os
 
 from ..errors import ConfigError
 from ..lock import StorageLock
-from ..sweep import Settings, Storage, StudentJob, SweepSpec, TeacherJob, student_config
+from ..jobs import Settings, StudentJob, TeacherJob, student_config
+from ..presets import SweepSpec
+from ..storage import Storage
 from .progress import quiet_tune, search_progress
-from .driver import Resources, SweepFailed, _data_ref, _tune_filesystem, logit_tables, run_sweep, train_trial
+from .cluster import Resources
+from .driver import SweepFailed, _data_ref, _tune_filesystem, logit_tables, run_sweep
+from .tasks import train_trial
 
 GRACE_FRACTION = 0.25     # ASHA grace period, as a fraction of the trial's epochs
 REDUCTION_FACTOR = 2      # ASHA: keep the top 1/2 at each rung
