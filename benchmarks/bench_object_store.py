@@ -31,7 +31,7 @@ def main():
     from nodekd_ray.orchestration import cluster, driver, tasks
     from nodekd_ray import sweep as S
     from nodekd_ray.kd import compute_logit_table
-    from nodekd_ray.models import load_checkpoint
+    from nodekd_ray.checkpoints import load_checkpoint
 
     settings = S.Settings(teacher={"epochs": 2, "batch_size": 64, "limit_train": args.limit_train},
                           student={"epochs": 1, "batch_size": 64, "limit_train": args.limit_train, "limit_test": 128,

@@ -117,7 +117,7 @@ def warm_states(args, device):
 
 def load_student(args, device) -> NeuralODE:
     """--checkpoint's student with solver_impl nodekd; its width, stem and t1 replace the arguments'."""
-    from nodekd_ray.models import load_checkpoint
+    from nodekd_ray.checkpoints import load_checkpoint
 
     model, _ = load_checkpoint(args.checkpoint, expect_arch="node")
     args.width, args.stem, args.t1 = model.cfg.width, model.cfg.stem_channels, model.cfg.t1

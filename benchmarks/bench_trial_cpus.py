@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nodekd_ray.data import Batches, load_dataset
-from nodekd_ray.models import build_model
+from nodekd_ray.checkpoints import build_model
 
 
 def measure(threads: int, width: int, steps: int) -> dict:

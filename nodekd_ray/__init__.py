@@ -7,7 +7,8 @@ from .attacks import attack_sweep, fgsm, mifgsm, pgd, steps_for_eps
 from .data import Batches, ImageSet, load_dataset
 from .errors import ConfigError
 from .kd import TeacherLogits, compute_logit_table, kd_loss
-from .models import NODEConfig, NeuralODE, ODESolveError, build_model, load_checkpoint, save_checkpoint
+from .checkpoints import build_model, load_checkpoint, save_checkpoint
+from .models import NODEConfig, NeuralODE, ODESolveError
 from .train import StudentConfig, TeacherConfig, train_student, train_teacher
 
 __all__ = [

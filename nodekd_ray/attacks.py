@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, check_choice
-from .models import as_reference, computation_info, nfe_totals, reference_arithmetic
+from .checkpoints import nfe_totals
+from .computation import as_reference, computation_info, reference_arithmetic
 
 PAPER_ATTACKS = ("pgd", "mifgsm", "fgsm")
 TOLERANCES = {"tol-1e-1": 1e-1, "tol-1e-3": 1e-3, "tol-1e-5": 1e-5}
@@ -53,7 +54,7 @@ ATTACKS = PAPER_ATTACKS + AUDIT_ATTACKS
 # attacks that only mean something on a Neural ODE (a ResNet has no solver), and those that need
 # a second model to make their images on
 NODE_ONLY = ("transfer-node", "pgd-rk4") + tuple(TOLERANCES) + tuple(CROSS_TOLERANCE)
-# What an attack computes on: "reference" (the default: models.REFERENCE_COMPUTATION, IEEE fp32 for ResNets
+# What an attack computes on: "reference" (the default: computation.REFERENCE_COMPUTATION, IEEE fp32 for ResNets
 # too, whatever the model was trained with) or "as-trained" (the model's own speed settings)
 COMPUTATIONS = ("reference", "as-trained")
 TRANSFER = ("transfer-teacher", "transfer-node")
@@ -179,7 +180,7 @@ class SweepResult:
     seconds: dict              # eps -> wall seconds
     plans: dict = field(default_factory=dict)    # eps -> attack_plan(...)
     solver: dict = field(default_factory=dict)   # solver, rtol, atol, time_input of the evaluated model (NODEs)
-    computation: dict = field(default_factory=dict)  # "computation" and models.computation_info of the evaluated model
+    computation: dict = field(default_factory=dict)  # "computation" and computation.computation_info of the evaluated model
     top_class_fraction: float = 0.0              # share of the most frequent clean prediction
 
     def robust_accuracy(self) -> dict[float, float]:
@@ -253,7 +254,7 @@ def attack_sweep(model, images: torch.Tensor, labels: torch.Tensor, *, attack: s
     one evaluated; for tol-* it is evaluated (clean pass included) at that tolerance.
 
     computation: "reference" (default) evaluates and attacks ``model`` and ``source`` on the reference
-    computation (models.as_reference, IEEE fp32 arithmetic) whatever they were trained with;
+    computation (computation.as_reference, IEEE fp32 arithmetic) whatever they were trained with;
     "as-trained" on their own settings. The result says which (SweepResult.computation).
     """
     check_choice("computation", computation, COMPUTATIONS)

@@ -46,7 +46,8 @@ def _common(p: argparse.ArgumentParser, *, training: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .attacks import ATTACKS
     from .config_cli import add_dataclass_arguments
-    from .models import SPEED_HELP, SPEEDS, NODEConfig
+    from .computation import SPEED_HELP, SPEEDS
+    from .models import NODEConfig
     from .train import StudentConfig, TeacherConfig
 
     p = _Parser(prog="nodekd", description="Knowledge distillation from ResNets into Neural ODEs, and attacks on them.")
@@ -167,11 +168,12 @@ def cmd_train_teacher(args) -> None:
 
 
 def cmd_train_student(args) -> None:
-    from .models import NODEConfig, load_checkpoint
+    from .checkpoints import load_checkpoint
+    from .models import NODEConfig
     from .train import StudentConfig, save_trained, train_student
 
     from .config_cli import dataclass_values
-    from .models import parse_node_overrides, speed_settings
+    from .computation import parse_node_overrides, speed_settings
     from .train import RecipeConfig
 
     device_type = RecipeConfig(device=args.device).torch_device().type
@@ -201,7 +203,7 @@ def cmd_attack(args) -> None:
     from .attacks import ATTACKS, attack_sweep, parse_eps, steps_for_eps, sweep_table
     from .data import load_dataset
     from .errors import check_choice
-    from .models import load_checkpoint
+    from .checkpoints import load_checkpoint
     from .results import atomic_write_table
     from .train import RecipeConfig
 

@@ -20,7 +20,7 @@ to be equivalent, and "changes the answer" needs some group to change it.
 
 Some computations are not distinct on a CPU. There, TF32 is IEEE fp32 ("tf32" equals "reference" and is
 not run), and the Triton norms and CUDA graphs do not exist ("fastest" is bf16 with nodekd's dopri5 and
-noise-aware control). Every row records what actually ran (models.computation_info).
+noise-aware control). Every row records what actually ran (computation.computation_info).
 
 Everything lands in --out: checkpoints in students/, one JSON per evaluation in rows/, then rows.parquet
 (per image), summary.json and audit.md. A rerun reuses every finished file.
@@ -37,9 +37,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
-from .models import SPEEDS, speed_settings
+from .computation import SPEEDS, speed_settings
 
-# Training paths: the --speed names, each resolved per device by models.speed_settings (the one place).
+# Training paths: the --speed names, each resolved per device by computation.speed_settings (the one place).
 TRAINING_PATHS = SPEEDS
 _REF = speed_settings("reference")
 # Evaluation computations (part a): NODEConfig fields; "reference" and "fastest" are the speeds of those names.
@@ -152,7 +152,7 @@ def train_teacher_job(a: StudyArgs) -> str:
 
 def train_job(a: StudyArgs, path: str, kd: bool, seed: int) -> dict:
     """Trains one student (or finds it trained). Returns its seconds and final record fields."""
-    from .models import load_checkpoint
+    from .checkpoints import load_checkpoint
     from .train import save_trained, train_student
 
     out = student_path(a, path, kd, seed)
@@ -174,7 +174,8 @@ def eval_job(a: StudyArgs, phase: str, train: str, comp: str, kd: bool, seed: in
     import numpy as np
 
     from .attacks import AuditConfig, attack_sweep
-    from .models import computation_info, load_checkpoint, with_computation
+    from .checkpoints import load_checkpoint
+    from .computation import computation_info, with_computation
     from .results import atomic_write_json
     from .train import evaluate
 

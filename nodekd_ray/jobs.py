@@ -8,7 +8,7 @@ storage.py; every file written atomically):
     settings.json                        scale settings shared by every sweep using this folder
     lock.json                            the running sweep's lock (lock.py): host, pid, heartbeat
     plans/{sweep}.json                   what each sweep set out to make (for `nodekd verify`)
-    models/{key}.pt                      finished models (models.save_checkpoint format)
+    models/{key}.pt                      finished models (checkpoints.save_checkpoint format)
     records/{key}.json                   trial records: status, attempts, config, history, error,
                                          and the model file's size and SHA-256
     logits/{teacher}-{mode}.npy|.json    teacher logit tables and how they were made
@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 from .attacks import COMPUTATIONS, NODE_ONLY, TRANSFER, AuditConfig
 from .errors import ConfigError, check_choice
-from .models import NODEConfig, speed_settings
+from .computation import speed_settings
+from .models import NODEConfig
 from .presets import SweepSpec
 from .train import RecipeConfig, StudentConfig, TeacherConfig
 

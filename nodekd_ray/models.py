@@ -1,7 +1,5 @@
-"""CIFAR ResNet teachers and the Neural ODE student. Every model takes pixels in [0, 1].
-
-ResNets follow He et al. 2016, section 4.2: three stages of 16/32/64 channels, 6n+2 layers,
-option-A (zero-padded identity) shortcuts. Parameter counts: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M.
+"""The Neural ODE student and its configuration (NODEConfig). It takes pixels in [0, 1]. The ResNet teachers are in
+resnet.py, the reference computation and --speed in computation.py, checkpoints in checkpoints.py.
 
 The student (paper, section 3.1: "a 4 layers convolutional neural network with 3x3 kernel
 size", 512 channels, dopri5 over [0, t1]). What the paper leaves open, chosen here after
@@ -22,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError, ODESolveError, check_choice  # noqa: F401 -- ODESolveError: raised by solves
+from .resnet import RESNET_DEPTHS, Normalize, _he_init
 
 # The speed machinery (nodekd_ray/speed/: nodekd's dopri5, the Triton norms, CUDA graphs) registers itself here,
 # as torchdiffeq's solvers sit in its SOLVERS table: this module names those parts and never imports them.
@@ -48,7 +47,6 @@ def speed_part(name: str):
         importlib.import_module(__package__ + ".speed")    # registers every part
     return SPEED_PARTS[name]
 
-RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 ARCHS = tuple(RESNET_DEPTHS) + ("node",)
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_SOLVERS = ("euler", "midpoint", "rk4")
@@ -59,76 +57,6 @@ SOLVER_IMPLS = ("auto", "torchdiffeq", "nodekd")
 NORM_IMPLS = ("torch", "triton")
 STEP_CONTROLS = ("auto", "plain", "noise-aware")
 GRAPH_INPUTS = ("shared", "per-evaluation")
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel, inside the model so attacks work in [0, 1] pixel space."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
-def _he_init(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
-                                    nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-# ----------------------------------------------------------------------------- ResNet
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.pad = c_out - c_in  # option A: subsample by 2 and zero-pad the new channels
-        self.stride = stride
-
-    def shortcut(self, x):
-        if self.stride == 1 and self.pad == 0:
-            return x
-        x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10, mean=(0.5,) * 3, std=(0.25,) * 3, in_channels: int = 3):
-        super().__init__()
-        if (depth - 2) % 6:
-            raise ConfigError("model", f"CIFAR ResNet depth must be 6n+2, got {depth}")
-        n = (depth - 2) // 6
-        self.normalize = Normalize(mean, std)
-        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
-        blocks, c_in = [], 16
-        for stage, c_out in enumerate((16, 32, 64)):
-            for i in range(n):
-                blocks.append(BasicBlock(c_in, c_out, 2 if (stage > 0 and i == 0) else 1))
-                c_in = c_out
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, num_classes)
-        _he_init(self)
-
-    def forward(self, x):  # x: (B, C, 32, 32) in [0, 1]
-        h = F.relu(self.bn(self.conv(self.normalize(x))))
-        h = self.blocks(h)  # (B, 64, 8, 8)
-        return self.fc(h.mean(dim=(2, 3)))  # (B, classes)
 
 
 # ----------------------------------------------------------------------------- Neural ODE
@@ -757,220 +685,3 @@ class NeuralODE(nn.Module):
         h = self.integrate(h)                     # (B, width, 8, 8)
         h = F.relu(self.head_norm(h)).mean(dim=(2, 3))  # (B, width)
         return self.fc(h)                         # (B, classes)
-
-
-# ----------------------------------------------------------------------------- the reference computation
-
-# What every measurement (clean accuracy in attack rows, every attack and audit attack) runs on unless the
-# user asks to evaluate as trained: the paper's fp32 dopri5 through torchdiffeq with its plain step control,
-# IEEE fp32 convolutions, PyTorch's norms, no graphs. The speed settings are for training.
-REFERENCE_COMPUTATION = dict(precision="fp32", solver_impl="torchdiffeq", step_control="plain", norm_impl="torch",
-                             cuda_graphs=False, recompute=False, channels_last=False)
-
-
-# The one speed switch (--speed): each name resolved to NODEConfig's fine settings here and nowhere else. The fine
-# settings stay NODEConfig fields for experts (the Python API, or --node FIELD=VALUE on the command lines).
-#   reference  the reference computation itself: the paper's fp32 dopri5 through torchdiffeq
-#   default    NODEConfig's defaults: TF32 convs (PyTorch's own default on GPUs), nodekd's dopri5, and on a GPU
-#              noise-aware step control
-#   fastest    the fastest path measured: bf16 autocast, nodekd's dopri5, noise-aware control, and on a GPU the
-#              Triton norms and CUDA graphs (README, "Speed"); evidence on whether it changes the answer:
-#              docs/computation-study.md
-SPEEDS = ("reference", "default", "fastest")
-_SPEED_FIELDS = {
-    "reference": {k: REFERENCE_COMPUTATION[k] for k in ("precision", "solver_impl", "step_control", "norm_impl",
-                                                         "cuda_graphs")},   # recompute: a memory option, apart
-    "default": {},
-    "fastest": dict(precision="bf16", solver_impl="nodekd", step_control="noise-aware", norm_impl="triton",
-                    cuda_graphs=True),
-}
-SPEED_HELP = ("how students train (default: default): reference (the paper's fp32 dopri5 through torchdiffeq), default "
-              "(TF32 convs, nodekd's dopri5, noise-aware step control on a GPU) or fastest (bf16, nodekd's dopri5, "
-              "noise-aware control, on a GPU the Triton norms and CUDA graphs; 6.1x the fp32 images/s on an H200). "
-              "fastest changed the answer on a CPU: KD students trained in bf16 lost 5.2 +- 5.1 points of robust "
-              "accuracy at 8/255 (5 seeds; docs/computation-study.md). Evaluation runs on the reference "
-              "computation whatever is chosen here")
-_GPU_ONLY_FIELDS = {"norm_impl": "torch", "cuda_graphs": False}   # what a CPU runs instead
-
-
-def speed_settings(speed: str, device_type: str = "cuda") -> dict:
-    """NODEConfig fields of a --speed name on a device of this type ("cuda" or "cpu")."""
-    check_choice("speed", speed, SPEEDS)
-    fields = dict(_SPEED_FIELDS[speed])
-    if device_type != "cuda" and fields:
-        fields.update(_GPU_ONLY_FIELDS)
-    return fields
-
-
-def parse_node_overrides(items) -> dict:
-    """--node FIELD=VALUE items -> NODEConfig fields, each value converted to its field's type. One-line
-    ConfigError for an unknown field or a value of the wrong type."""
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(NODEConfig)}
-    out = {}
-    for item in items or ():
-        name, sep, text = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep:
-            raise ConfigError("node", f"expected FIELD=VALUE, got {item!r}")
-        if name not in fields:
-            raise ConfigError("node", f"unknown field {name!r}; allowed: {', '.join(fields)}")
-        kind = type(getattr(NODEConfig(), name))
-        try:
-            if kind is bool:
-                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(text)
-                value = text.lower() in ("true", "1", "yes")
-            else:
-                value = kind(text)
-        except ValueError:
-            raise ConfigError(f"node.{name}", f"must be a {kind.__name__}, got {text!r}") from None
-        out[name] = value
-    return out
-
-
-def as_reference(model: nn.Module) -> nn.Module:
-    """``model`` on the reference computation: a Neural ODE trained with speed settings is rebuilt with
-    REFERENCE_COMPUTATION and the same weights (f's precision and norms are fixed when it is built, so a
-    changed cfg alone would not do); a model already there, or a ResNet, is returned as it is."""
-    return with_computation(model, **REFERENCE_COMPUTATION)
-
-
-def with_computation(model: nn.Module, **fields) -> nn.Module:
-    """A Neural ODE with the same weights computing with other NODEConfig settings (precision, solver_impl,
-    step_control, norm_impl, cuda_graphs, ...): rebuilt, not changed in place. ``model`` itself is returned when
-    nothing changes, and a ResNet always (it has no such settings)."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or all(getattr(cfg, k) == v for k, v in fields.items()):
-        return model
-    out = NeuralODE(replace(cfg, **fields), model.fc.out_features, in_channels=model.stem[0].in_channels)
-    out.load_state_dict(model.state_dict())
-    param = next(model.parameters())
-    return out.to(param.device).train(model.training)
-
-
-def computation_info(model: nn.Module, device) -> dict:
-    """How ``model`` computes on ``device``, for result rows: precision as the device runs it (TF32 is
-    IEEE fp32 on a CPU), step control and dopri5 implementation as resolved, norms, CUDA graphs, torch."""
-    cuda = torch.device(device).type == "cuda"
-    cfg = getattr(model, "cfg", None)
-    if cfg is None:   # a ResNet: PyTorch's default arithmetic unless run inside reference_arithmetic
-        precision = "tf32" if cuda and torch.backends.cudnn.conv.fp32_precision != "ieee" else "fp32"
-        return {"precision": precision, "step_control": "", "solver_impl": "", "norm_impl": "torch",
-                "cuda_graphs": False, "torch_version": torch.__version__}
-    precision = "fp32" if cfg.precision == "tf32" and not cuda else cfg.precision
-    return {"precision": precision, "step_control": cfg.step_control_used(cuda), "solver_impl": cfg.solver_impl_used(),
-            "norm_impl": cfg.norm_impl, "cuda_graphs": bool(cfg.cuda_graphs and cuda),
-            "torch_version": torch.__version__}
-
-
-@contextlib.contextmanager
-def reference_arithmetic():
-    """IEEE fp32 for every cuDNN convolution and CUDA matmul inside (PyTorch's default for convs is TF32):
-    a ResNet evaluated on the reference computation."""
-    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    before = conv.fp32_precision, mm.fp32_precision
-    conv.fp32_precision, mm.fp32_precision = "ieee", "ieee"
-    try:
-        yield
-    finally:
-        conv.fp32_precision, mm.fp32_precision = before
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-# Fields of NODEConfig removed since checkpoints were first written: dropped when an older checkpoint is loaded.
-# compile and bf16_norms went on 2026-12-05 (both measured slower than their baselines); they changed how f ran,
-# never its weights, and both defaulted to off.
-REMOVED_NODE_FIELDS = ("compile", "bf16_norms")
-
-
-def _known_node_fields(node: dict) -> dict:
-    return {k: v for k, v in node.items() if k not in REMOVED_NODE_FIELDS}
-
-
-def build_model(arch: str, *, num_classes: int = 10, mean=(0.5,) * 3, std=(0.25,) * 3, node: dict | None = None) -> nn.Module:
-    """Name -> model. ``node`` holds NODEConfig fields for arch == "node"."""
-    check_choice("model", arch, ARCHS)
-    if arch == "node":
-        return NeuralODE(NODEConfig(**_known_node_fields(node or {})), num_classes, mean, std)
-    return CifarResNet(RESNET_DEPTHS[arch], num_classes, mean, std)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def nfe_totals(model: nn.Module) -> tuple[int, int]:
-    """(forward, backward) function evaluations so far; (0, 0) for models without an ODE."""
-    return (getattr(model, "nfe_forward", 0), getattr(model, "nfe_backward", 0))
-
-
-def save_checkpoint(path: str, model: nn.Module, **ckpt) -> None:
-    """Writes a weights_only-loadable dict atomically (a temporary file, then rename)."""
-    from .results import atomic_torch_save
-
-    atomic_torch_save(checkpoint_state(model, **ckpt), path)
-
-
-def checkpoint_state(model: nn.Module, *, arch: str, num_classes: int, mean, std,
-                     node: dict | None = None, meta: dict | None = None) -> dict:
-    """What a checkpoint file holds: plain types and CPU tensors (loadable with weights_only)."""
-    return {
-        "format": "nodekd-checkpoint-v1",
-        "arch": arch,
-        "num_classes": int(num_classes),
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "node": dict(node or {}),
-        "meta": dict(meta or {}),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-
-
-def load_checkpoint(path, *, expect_arch: str | tuple[str, ...] | None = None, map_location="cpu",
-                    name: str | None = None):
-    """Returns (model in eval mode, checkpoint dict). Bad files and wrong architectures raise ConfigError.
-
-    path: a file path, or a binary file object (then ``name`` says what it is in error messages).
-    """
-    import os
-
-    if isinstance(path, (str, os.PathLike)):
-        if not os.path.isfile(path):
-            raise ConfigError("checkpoint", f"no such file: {path}")
-        name = name or os.fspath(path)
-    source, path = path, name or "checkpoint"
-    try:
-        ckpt = torch.load(source, map_location=map_location, weights_only=True)
-    except Exception as e:
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else "empty or truncated file"
-        raise ConfigError("checkpoint", f"cannot read {path}: {type(e).__name__}: {why}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "nodekd-checkpoint-v1":
-        raise ConfigError("checkpoint", f"{path} is not a nodekd checkpoint")
-    missing = [k for k in ("arch", "num_classes", "mean", "std", "node", "state_dict") if k not in ckpt]
-    if missing:
-        raise ConfigError("checkpoint", f"{path} is damaged: it lacks {', '.join(missing)}")
-    arch = ckpt["arch"]
-    if expect_arch is not None:
-        allowed = (expect_arch,) if isinstance(expect_arch, str) else tuple(expect_arch)
-        if arch not in allowed:
-            raise ConfigError("checkpoint", f"{path} holds a {arch!r} model; expected {' or '.join(allowed)}")
-    try:
-        model = build_model(arch, num_classes=ckpt["num_classes"], mean=ckpt["mean"], std=ckpt["std"],
-                            node=ckpt["node"] or None)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise ConfigError("checkpoint", f"{path} is damaged: cannot build its {arch!r} model: "
-                                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise ConfigError("checkpoint", f"{path}: weights do not fit a {arch!r} model: "
-                                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    return model.eval(), ckpt
-
-
-def node_config_dict(cfg: NODEConfig) -> dict:
-    return asdict(cfg)

@@ -311,7 +311,7 @@ class Storage:
             return None
         import io
 
-        from .models import load_checkpoint
+        from .checkpoints import load_checkpoint
 
         data = self.read_bytes(path)
         try:

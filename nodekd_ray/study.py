@@ -19,7 +19,8 @@ import time
 from .attacks import attack_sweep, parse_eps
 from .data import load_dataset
 from .errors import ConfigError
-from .models import NODEConfig, load_checkpoint
+from .checkpoints import load_checkpoint
+from .models import NODEConfig
 from .results import atomic_write_json, atomic_write_text
 from .train import StudentConfig, TeacherConfig, save_trained, train_student, train_teacher
 

@@ -24,8 +24,9 @@ from .config_cli import opt
 from .data import AUGMENT_DEFAULTS, DATASETS, Batches, ImageSet, channel_stats, load_dataset, num_views
 from .errors import ConfigError, check_choice, check_range
 from .kd import LOGIT_MODES, TeacherLogits, compute_logit_table, kd_loss, validate_kd
-from .models import (RESNET_DEPTHS, NODEConfig, as_reference, build_model, nfe_totals, reference_arithmetic,
-                     save_checkpoint, speed_part)
+from .checkpoints import build_model, nfe_totals, save_checkpoint
+from .computation import as_reference, reference_arithmetic
+from .models import RESNET_DEPTHS, NODEConfig, speed_part
 
 TEACHER_EPOCHS = {"cifar10": 300, "svhn": 40, "digits": 30, "synthetic": 5}
 STUDENT_EPOCHS = {"cifar10": 200, "svhn": 40, "digits": 30, "synthetic": 5}
@@ -61,7 +62,7 @@ class RecipeConfig:
     log_dir: str | None = opt(None, "write TensorBoard event files here")
     synthetic_sizes: tuple = (512, 256)  # (train, test) sizes of the synthetic data set
     eval_computation: str = "reference"  # what the test accuracy after each epoch is computed on: "reference"
-                                       # (models.as_reference: fp32 IEEE, torchdiffeq's dopri5, plain step
+                                       # (computation.as_reference: fp32 IEEE, torchdiffeq's dopri5, plain step
                                        # control, PyTorch's norms, no graphs), whatever the model trains with,
                                        # or "as-trained" (its training settings)
 
@@ -190,7 +191,7 @@ def make_optimizer(cfg: RecipeConfig, params):
 @torch.no_grad()
 def evaluate(model, data: ImageSet, *, batch_size: int = 500, device="cpu", computation: str = "as-trained") -> dict:
     """Clean accuracy over fixed, in-order batches, and forward NFE per image. computation "reference" evaluates
-    a copy of ``model`` on the reference computation (models.as_reference, IEEE fp32 arithmetic)."""
+    a copy of ``model`` on the reference computation (computation.as_reference, IEEE fp32 arithmetic)."""
     if computation == "reference":
         with reference_arithmetic():
             return evaluate(as_reference(model), data, batch_size=batch_size, device=device)

@@ -19,7 +19,8 @@ from .errors import ConfigError
 from .faults import InjectedFault, die_mid_write, fault
 from .jobs import AttackJob, Settings, StudentJob, TeacherJob, student_config, teacher_config
 from .kd import compute_logit_table
-from .models import ODESolveError, checkpoint_state, load_checkpoint
+from .checkpoints import checkpoint_state, load_checkpoint
+from .models import ODESolveError
 from .results import _LATER_FIELDS, ATTACK_FILE_SCHEMA, ATTACK_SCHEMA
 from .storage import Damaged, Storage
 from .train import train_student, train_teacher

@@ -6,7 +6,7 @@ import torchattacks
 
 from nodekd_ray.attacks import attack_sweep, fgsm, mifgsm, parse_eps, pgd, steps_for_eps, sweep_table
 from nodekd_ray.errors import ConfigError
-from nodekd_ray.models import build_model
+from nodekd_ray.checkpoints import build_model
 from nodekd_ray.results import atomic_write_table
 
 from conftest import TINY_NODE
@@ -119,7 +119,8 @@ def test_attacks_run_on_the_reference_computation_unless_asked_to_run_as_trained
     reference computation by default: NFE and results equal to those of a reference copy of its weights,
     built apart. --eval-as-trained attacks it as it is, and its rows say so."""
     from nodekd_ray.attacks import attack_sweep
-    from nodekd_ray.models import NeuralODE, NODEConfig, as_reference
+    from nodekd_ray.computation import as_reference
+    from nodekd_ray.models import NeuralODE, NODEConfig
 
     torch.manual_seed(0)
     fast = NeuralODE(NODEConfig(width=8, stem_channels=8, precision="bf16", solver_impl="nodekd"))

@@ -10,7 +10,7 @@ import torch
 from nodekd_ray import audit as A
 from nodekd_ray.attacks import AUDIT_ATTACKS, AuditConfig, _adversarial, attack_plan, attack_sweep, with_solver
 from nodekd_ray.errors import ConfigError
-from nodekd_ray.models import build_model
+from nodekd_ray.checkpoints import build_model
 from nodekd_ray.train import TeacherConfig, train_teacher
 
 from conftest import TINY_NODE
@@ -132,7 +132,7 @@ def test_apgd_agrees_with_the_adversarial_robustness_toolbox(trained, loss):
 
 
 def test_square_never_takes_a_gradient_and_transfer_never_takes_the_targets(node, synthetic):
-    from nodekd_ray.models import as_reference
+    from nodekd_ray.computation import as_reference
 
     t = synthetic[1].take(16)
     node = as_reference(node)   # what attack_sweep attacks (its own counters: attack_sweep makes no copy of it)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nodekd_ray.cli import main
-from nodekd_ray.models import build_model, save_checkpoint
+from nodekd_ray.checkpoints import build_model, save_checkpoint
 
 SMALL = ["--width", "16", "--stem-channels", "8"]
 

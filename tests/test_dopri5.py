@@ -402,7 +402,7 @@ def test_bench_step_control_measures_a_trained_students_own_width_on_test_batche
     import importlib.util
     import os
 
-    from nodekd_ray.models import save_checkpoint
+    from nodekd_ray.checkpoints import save_checkpoint
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("bench_step_control",

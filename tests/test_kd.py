@@ -5,7 +5,7 @@ import torch
 from nodekd_ray.data import Batches, crop_flip, num_views, pad_images
 from nodekd_ray.errors import ConfigError
 from nodekd_ray.kd import TeacherLogits, compute_logit_table, kd_loss, validate_kd
-from nodekd_ray.models import build_model
+from nodekd_ray.checkpoints import build_model
 from nodekd_ray.train import StudentConfig, train_student
 
 from conftest import TINY_NODE

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from nodekd_ray.errors import ConfigError
-from nodekd_ray.models import (NeuralODE, NODEConfig, ODESolveError, build_model, count_parameters, load_checkpoint,
-                               save_checkpoint)
+from nodekd_ray.checkpoints import build_model, count_parameters, load_checkpoint, save_checkpoint
+from nodekd_ray.models import NeuralODE, NODEConfig, ODESolveError
 
 from conftest import TINY_NODE
 
@@ -224,7 +224,7 @@ def test_student_options_give_the_same_logits(option, tol):
 
 def test_a_checkpoint_with_removed_fields_still_loads(tmp_path):
     """compile and bf16_norms were removed from NODEConfig; checkpoints written before carry them and load."""
-    from nodekd_ray.models import load_checkpoint, save_checkpoint
+    from nodekd_ray.checkpoints import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     m = build_model("node", node=TINY_NODE).eval()

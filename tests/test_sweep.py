@@ -148,7 +148,7 @@ def test_attack_files_round_trip_with_the_schema(trained, attacked):
     assert node[1]["nfe_per_image"] > node[0]["nfe_per_image"] > 0  # an attack costs ODE evaluations
     assert {r["attack"] for r in rows} == {"pgd", "mifgsm"} and {r["dataset"] for r in rows} == {"synthetic"}
     # the clean accuracy of the attacked subset matches an independent evaluation
-    from nodekd_ray.models import load_checkpoint
+    from nodekd_ray.checkpoints import load_checkpoint
     import torch
 
     model, _ = load_checkpoint(st.model(base.key))

@@ -7,7 +7,7 @@ import torch
 from nodekd_ray.models import NODEConfig
 from nodekd_ray.train import (StudentConfig, TeacherConfig, fit, lr_factor, train_student, train_teacher)
 from nodekd_ray.errors import ConfigError
-from nodekd_ray.models import build_model
+from nodekd_ray.checkpoints import build_model
 
 from conftest import TINY_NODE
 

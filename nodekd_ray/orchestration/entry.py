@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
-from ..models import parse_node_overrides
+from ..computation import parse_node_overrides
 from ..jobs import Settings, job_config, plan
 from ..presets import SCALES, SweepSpec
 from ..schedule import expected_cost, list_schedule
@@ -39,7 +39,8 @@ def sweep_parser(description: str, default_datasets=("cifar10", "svhn"), default
     and T, trains one seed, and attacks nothing): a flag it would not use is refused by argparse, not ignored."""
     from .._version import version_line
     from ..config_cli import add_dataclass_arguments
-    from ..models import SPEED_HELP, SPEEDS, NODEConfig
+    from ..computation import SPEED_HELP, SPEEDS
+    from ..models import NODEConfig
     from ..train import RecipeConfig
 
     ap = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,7 +6,7 @@
 
 The model code (models.py) does not import this package: importing it registers these parts in
 models.SPEED_PARTS, and models.speed_part() imports it the first time a setting asks for one of them.
-Measurements run on the reference computation (models.REFERENCE_COMPUTATION), which uses none of this.
+Measurements run on the reference computation (computation.REFERENCE_COMPUTATION), which uses none of this.
 """
 from .. import models
 from . import cuda_graphs, dopri5, fused_norm
