@@ -31,7 +31,7 @@ through it, update), for each option in one run:
                          backward at 367 TFLOP/s NHWC against 241 NCHW, benchmarks/results/h100-2026-11-24/probe.txt)
     ...+graphs+pereval   the same with graphs that take the parameters per evaluation (graph_inputs
                          "per-evaluation"), not a solve's shared inputs (the default where f's fused path allows:
-                         Triton norms, NCHW; models.GraphSolveInputs)
+                         Triton norms, NCHW; speed/cuda_graphs.GraphSolveInputs)
     ...+graphs           the same with cuda_graphs (nodekd_ray/speed/cuda_graphs.py: a solve's evaluations of f with
                          autograd replayed from CUDA graphs; GPUs only, eager on a CPU). "MFU f" and "MFU f-solve"
                          time f eagerly and are left out of these rows (benchmarks/bench_graphs.py times f in

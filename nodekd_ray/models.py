@@ -114,116 +114,6 @@ class _SharedCast(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
-class _ConvInto(torch.autograd.Function):
-    """conv3x3(a, w) (stride 1, padding 1, no bias) whose weight gradient is added into ``into`` (in its dtype,
-    fp32) in place instead of being returned: f's convs inside a CUDA graph that reads a solve's prepared
-    weights (GraphSolveInputs). Its backward is autograd's ConvolutionBackward0's one call, and the fp32 sum
-    over the solve's evaluations is the one _SharedCast makes eagerly."""
-
-    @staticmethod
-    def forward(ctx, a, w, into):
-        ctx.save_for_backward(a, w)
-        ctx.into = into
-        return F.conv2d(a, w, None, 1, 1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        a, w = ctx.saved_tensors
-        da, dw, _ = torch.ops.aten.convolution_backward(grad, a, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                        [ctx.needs_input_grad[0], True, False])
-        ctx.into.add_(dw)
-        return da, None, None
-
-
-class GraphSolveInputs:
-    """What one solve's evaluations of f share, in fixed buffers that CUDA graphs of f read and write
-    (cuda_graphs.GraphedSolves, for f's fused path: ODEFunc.can_share_graph_inputs).
-
-    Eagerly, a solve prepares each conv's weights once (ODEFunc.solving: the slice, the time response, the
-    bf16 copy) and the Triton norms sum their parameters' gradients over the solve's evaluations
-    (fused_norm.SolveGrads). A graph captured per evaluation cannot reach that per-solve state, so without
-    this each graphed evaluation prepares its own weights and hands autograd its own parameter gradients:
-    on an H200 that was 925 more kernels and 4.1 ms per training step than the eager step
-    (benchmarks/results/h200-2026-12-04b/profile_kernels.txt). Here the state lives in buffers that outlive
-    the solve: ``start`` fills the weights and responses from the parameters once per solve and clears the
-    sums; inside the graphs the norms add into ``sums`` and the convs into ``weight_grads`` (_ConvInto);
-    ``start``'s _SolveDelivery node, on the solve's initial state, hands the sums to autograd once, after
-    every evaluation's backward has run (they all depend on that state), as fused_norm._Deliver does."""
-
-    def __init__(self, func: "ODEFunc", h0: torch.Tensor):
-        n, c, hh, ww = h0.shape
-        fmt = torch.channels_last if h0.is_contiguous(memory_format=torch.channels_last) and c > 1 \
-            else torch.contiguous_format
-        low = torch.bfloat16 if func.precision == "bf16" else func.convs[0].weight.dtype
-        dev = h0.device
-        self.weights = [torch.empty(cv.weight.shape[0], c, 3, 3, dtype=low, device=dev).contiguous(memory_format=fmt)
-                        for cv in func.convs]
-        self.weight_grads = [torch.zeros_like(w, dtype=cv.weight.dtype) for w, cv in zip(self.weights, func.convs)]
-        self.responses = [torch.empty(1, cv.weight.shape[0], hh, ww, dtype=cv.weight.dtype, device=dev)
-                          for cv in func.convs]
-        self.sums = [func._fused.SolveGrads(n, c, hh * ww, i > 0, dev) for i in range(len(func.convs) + 1)]
-
-    def _buffers(self) -> list:
-        return self.weight_grads + [t for s in self.sums for t in (s.part, s.resp) if t is not None]
-
-    def saved(self) -> list:
-        """Copies of the sums (make_graphed_callables' warm-up backward passes add into them)."""
-        return [t.clone() for t in self._buffers()]
-
-    def restore(self, saved: list):
-        for t, v in zip(self._buffers(), saved):
-            t.copy_(v)
-
-    def start(self, func: "ODEFunc", h0: torch.Tensor) -> torch.Tensor:
-        """Fills the buffers from the parameters for a solve from h0; h0 as the solve's evaluations must see it."""
-        c = h0.shape[1]
-        ones = torch.ones(1, 1, h0.shape[2], h0.shape[3], dtype=func.convs[0].weight.dtype, device=h0.device)
-        mains, responses = [], []
-        conv_mode = _cudnn_conv_precision("tf32" if func.precision == "tf32" else "ieee") \
-            if h0.is_cuda and func.precision != "bf16" else contextlib.nullcontext()
-        with conv_mode, torch.autocast(h0.device.type, enabled=False):   # as ODEFunc._aligned_weights makes it
-            for conv, w_buf, r_buf in zip(func.convs, self.weights, self.responses):
-                main, response = conv.weight[:, :c], F.conv2d(ones, conv.weight[:, c:], None, 1, 1)
-                with torch.no_grad():
-                    w_buf.copy_(main)
-                    r_buf.copy_(response)
-                mains.append(main)
-                responses.append(response)
-        for t in self._buffers():
-            t.zero_()
-        norms = list(func.norms) + [func.norm_out]
-        params = [n.weight for n in norms] + [n.bias for n in norms] + [cv.bias for cv in func.convs]
-        return _SolveDelivery.apply(h0, self, *mains, *responses, *params)
-
-    def totals(self) -> list:
-        """The solve's gradients in start's order: each conv's weight over h's channels, each response, each
-        norm's gamma, each norm's beta, each conv's bias; then the sums are cleared."""
-        sums = [s.part.sum(1) for s in self.sums]            # (3, C) per norm: gamma, beta, previous conv's bias
-        out = [g.clone() for g in self.weight_grads]
-        out += [s.resp.sum(0) for s in self.sums[1:]]
-        out += [p[0] for p in sums] + [p[1] for p in sums] + [p[2] for p in sums[1:]]
-        for t in self._buffers():
-            t.zero_()
-        return out
-
-
-class _SolveDelivery(torch.autograd.Function):
-    """h0 unchanged; its backward hands a GraphSolveInputs' sums to the tensors they are the gradients of."""
-
-    @staticmethod
-    def forward(ctx, h0, inputs, *tensors):
-        ctx.inputs = inputs
-        ctx.like = [(t.shape, t.dtype) for t in tensors]
-        return h0.view_as(h0)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        totals = ctx.inputs.totals()
-        return (grad, None, *(g.reshape(shape).to(dtype) for g, (shape, dtype) in zip(totals, ctx.like)))
-
-
 class ODEFunc(nn.Module):
     """f(t, h): four GN-ReLU-conv3x3 layers and a final GN. Counts its evaluations.
 
@@ -253,7 +143,8 @@ class ODEFunc(nn.Module):
         self.nfe_reference = 0     # evaluations by reference() (step_control "noise-aware": 2 per solve)
         self._solve_cache = None   # dict while a solve runs (see solving())
         self.graph_capture = False  # True while cuda_graphs.GraphedSolves captures f: autocast without its cache
-        self.graph_inputs = None    # GraphSolveInputs while GraphedSolves captures f with a solve's shared inputs
+        self.graph_inputs = None    # cuda_graphs.GraphSolveInputs while GraphedSolves captures f with a solve's
+                                    # shared inputs
 
     def forward(self, t, h):  # h: (B, width, 8, 8), fp32: the solver's state and error control stay fp32
         self.nfe += 1
@@ -324,7 +215,8 @@ class ODEFunc(nn.Module):
             # evaluations and handed to autograd once (fused_norm.SolveGrads).
             # In a CUDA graph with a solve's shared inputs (graph_inputs, cuda_graphs.py), the same sums go to
             # that solve's fixed buffers, the convs read its prepared weights and add their weight gradients
-            # into its buffers too (_ConvInto), and GraphSolveInputs hands every sum to autograd once.
+            # into its buffers too (cuda_graphs.ConvInto), and cuda_graphs.GraphSolveInputs hands every sum to
+            # autograd once.
             shared = self.graph_inputs
             solve = shared is None and self._solve_cache is not None and torch.is_grad_enabled() and \
                 (h.is_cuda or self._fused.interpreting())
@@ -344,7 +236,7 @@ class ODEFunc(nn.Module):
                 bias = conv.bias
                 if shared is not None:
                     response = shared.responses[i]
-                    h = _ConvInto.apply(a, shared.weights[i], shared.weight_grads[i])
+                    h = speed_part("cuda_graphs").ConvInto.apply(a, shared.weights[i], shared.weight_grads[i])
                     continue
                 w, response = self._aligned_weights(i, conv, h, low_response=False)
                 h = F.conv2d(a, w, None, 1, 1)

@@ -183,7 +183,7 @@ def interpret(monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_graphs_with_a_solves_shared_inputs_give_the_eager_students_logits_and_gradients_exactly(interpret, precision):
     """f's fused path (Triton norms, here in Triton's interpreter) takes a solve's shared inputs in the graphs
-    (models.GraphSolveInputs): the slots take only (t, h); the convs read the solve's prepared weights and add
+    (cuda_graphs.GraphSolveInputs): the slots take only (t, h); the convs read the solve's prepared weights and add
     their weight gradients into its buffers, the norms their parameters' gradients, and the sums reach autograd
     once per solve. That is the arithmetic of the eager solve (ODEFunc.solving, fused_norm.SolveGrads), so the
     logits and every gradient are bit for bit the eager ones, over Adam steps, with the stand-in's warm-up

@@ -21,9 +21,9 @@ once and the Triton norms sum their parameters' gradients over its evaluations (
 single evaluations cannot reach that per-solve state, so without it each replays its own weight preparation
 and hands autograd its own parameter gradients. On an H200 that cost 925 kernels and 4.1 ms per training step
 (README, "f's MFU inside a training step"). With share_inputs, for f's fused path, the slots take (t, h) only,
-and the state lives in fixed buffers (models.GraphSolveInputs). Each solve fills the prepared weights and
+and the state lives in fixed buffers (GraphSolveInputs, below). Each solve fills the prepared weights and
 responses and clears the sums. Inside the graphs the norms add into the sums, and the convs add their weight
-gradients (models._ConvInto). A node on the solve's initial state hands the sums to autograd once, after every
+gradients (ConvInto, below). A node on the solve's initial state hands the sums to autograd once, after every
 evaluation's backward. make_graphed_callables' warm-up passes add into the sums while a chunk is captured,
 so they are saved before each capture and restored after.
 
@@ -44,15 +44,129 @@ last are kept, so that an epoch's full batches and its last one do not recapture
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import warnings
 
 import torch
+import torch.nn.functional as F
 
-from ..models import GraphSolveInputs, _count_vjp
+from ..models import _count_vjp, _cudnn_conv_precision
 
 FIRST_CHUNK = 8
 KEPT_SETS = 2
+
+
+# ----------------------------------------------------------------------------- a solve's shared inputs
+
+class ConvInto(torch.autograd.Function):
+    """conv3x3(a, w) (stride 1, padding 1, no bias) whose weight gradient is added into ``into`` (in its dtype,
+    fp32) in place instead of being returned: f's convs inside a CUDA graph that reads a solve's prepared
+    weights (GraphSolveInputs). Its backward is autograd's ConvolutionBackward0's one call, and the fp32 sum
+    over the solve's evaluations is the one _SharedCast makes eagerly."""
+
+    @staticmethod
+    def forward(ctx, a, w, into):
+        ctx.save_for_backward(a, w)
+        ctx.into = into
+        return F.conv2d(a, w, None, 1, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        a, w = ctx.saved_tensors
+        da, dw, _ = torch.ops.aten.convolution_backward(grad, a, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                        [ctx.needs_input_grad[0], True, False])
+        ctx.into.add_(dw)
+        return da, None, None
+
+
+class GraphSolveInputs:
+    """What one solve's evaluations of f share, in fixed buffers that CUDA graphs of f read and write
+    (cuda_graphs.GraphedSolves, for f's fused path: ODEFunc.can_share_graph_inputs).
+
+    Eagerly, a solve prepares each conv's weights once (ODEFunc.solving: the slice, the time response, the
+    bf16 copy) and the Triton norms sum their parameters' gradients over the solve's evaluations
+    (fused_norm.SolveGrads). A graph captured per evaluation cannot reach that per-solve state, so without
+    this each graphed evaluation prepares its own weights and hands autograd its own parameter gradients:
+    on an H200 that was 925 more kernels and 4.1 ms per training step than the eager step
+    (benchmarks/results/h200-2026-12-04b/profile_kernels.txt). Here the state lives in buffers that outlive
+    the solve: ``start`` fills the weights and responses from the parameters once per solve and clears the
+    sums; inside the graphs the norms add into ``sums`` and the convs into ``weight_grads`` (ConvInto);
+    ``start``'s _SolveDelivery node, on the solve's initial state, hands the sums to autograd once, after
+    every evaluation's backward has run (they all depend on that state), as fused_norm._Deliver does."""
+
+    def __init__(self, func, h0: torch.Tensor):
+        n, c, hh, ww = h0.shape
+        fmt = torch.channels_last if h0.is_contiguous(memory_format=torch.channels_last) and c > 1 \
+            else torch.contiguous_format
+        low = torch.bfloat16 if func.precision == "bf16" else func.convs[0].weight.dtype
+        dev = h0.device
+        self.weights = [torch.empty(cv.weight.shape[0], c, 3, 3, dtype=low, device=dev).contiguous(memory_format=fmt)
+                        for cv in func.convs]
+        self.weight_grads = [torch.zeros_like(w, dtype=cv.weight.dtype) for w, cv in zip(self.weights, func.convs)]
+        self.responses = [torch.empty(1, cv.weight.shape[0], hh, ww, dtype=cv.weight.dtype, device=dev)
+                          for cv in func.convs]
+        self.sums = [func._fused.SolveGrads(n, c, hh * ww, i > 0, dev) for i in range(len(func.convs) + 1)]
+
+    def _buffers(self) -> list:
+        return self.weight_grads + [t for s in self.sums for t in (s.part, s.resp) if t is not None]
+
+    def saved(self) -> list:
+        """Copies of the sums (make_graphed_callables' warm-up backward passes add into them)."""
+        return [t.clone() for t in self._buffers()]
+
+    def restore(self, saved: list):
+        for t, v in zip(self._buffers(), saved):
+            t.copy_(v)
+
+    def start(self, func, h0: torch.Tensor) -> torch.Tensor:
+        """Fills the buffers from the parameters for a solve from h0; h0 as the solve's evaluations must see it."""
+        c = h0.shape[1]
+        ones = torch.ones(1, 1, h0.shape[2], h0.shape[3], dtype=func.convs[0].weight.dtype, device=h0.device)
+        mains, responses = [], []
+        conv_mode = _cudnn_conv_precision("tf32" if func.precision == "tf32" else "ieee") \
+            if h0.is_cuda and func.precision != "bf16" else contextlib.nullcontext()
+        with conv_mode, torch.autocast(h0.device.type, enabled=False):   # as ODEFunc._aligned_weights makes it
+            for conv, w_buf, r_buf in zip(func.convs, self.weights, self.responses):
+                main, response = conv.weight[:, :c], F.conv2d(ones, conv.weight[:, c:], None, 1, 1)
+                with torch.no_grad():
+                    w_buf.copy_(main)
+                    r_buf.copy_(response)
+                mains.append(main)
+                responses.append(response)
+        for t in self._buffers():
+            t.zero_()
+        norms = list(func.norms) + [func.norm_out]
+        params = [n.weight for n in norms] + [n.bias for n in norms] + [cv.bias for cv in func.convs]
+        return _SolveDelivery.apply(h0, self, *mains, *responses, *params)
+
+    def totals(self) -> list:
+        """The solve's gradients in start's order: each conv's weight over h's channels, each response, each
+        norm's gamma, each norm's beta, each conv's bias; then the sums are cleared."""
+        sums = [s.part.sum(1) for s in self.sums]            # (3, C) per norm: gamma, beta, previous conv's bias
+        out = [g.clone() for g in self.weight_grads]
+        out += [s.resp.sum(0) for s in self.sums[1:]]
+        out += [p[0] for p in sums] + [p[1] for p in sums] + [p[2] for p in sums[1:]]
+        for t in self._buffers():
+            t.zero_()
+        return out
+
+
+class _SolveDelivery(torch.autograd.Function):
+    """h0 unchanged; its backward hands a GraphSolveInputs' sums to the tensors they are the gradients of."""
+
+    @staticmethod
+    def forward(ctx, h0, inputs, *tensors):
+        ctx.inputs = inputs
+        ctx.like = [(t.shape, t.dtype) for t in tensors]
+        return h0.view_as(h0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        totals = ctx.inputs.totals()
+        return (grad, None, *(g.reshape(shape).to(dtype) for g, (shape, dtype) in zip(totals, ctx.like)))
 
 
 class _Set:
@@ -62,7 +176,7 @@ class _Set:
     def __init__(self):
         self.slots: list = []
         self.owner: list = []
-        self.inputs = None           # models.GraphSolveInputs, where f's graphs take a solve's shared inputs
+        self.inputs = None           # GraphSolveInputs, where f's graphs take a solve's shared inputs
 
 
 class _Guard(torch.autograd.Function):
@@ -99,7 +213,7 @@ class GraphedSolves:
     def __init__(self, func, make_graphed=None, share_inputs: bool = True):
         self.func = func
         # f's graphs take a solve's shared inputs where f allows (ODEFunc.can_share_graph_inputs,
-        # models.GraphSolveInputs): bit-identical to the eager student on a CPU (tests/test_cuda_graphs.py), and on
+        # GraphSolveInputs): bit-identical to the eager student on a CPU (tests/test_cuda_graphs.py), and on
         # an H200 as close to it as eager is to itself (benchmarks/check_graphs.py, against its "+pereval" rows)
         self.share_inputs = share_inputs
         self._make = make_graphed or torch.cuda.make_graphed_callables
