@@ -223,7 +223,7 @@ def bench(opts: dict, args, device) -> dict:
 def teacher_rate(args, device) -> float:
     """Achieved training TFLOP/s of a ResNet20 (the teachers' rate for cost plans)."""
     from nodekd_ray.checkpoints import build_model
-    from nodekd_ray.sweep import RESNET_GFLOP
+    from nodekd_ray.schedule import RESNET_GFLOP
 
     torch.manual_seed(0)
     model = build_model("resnet20").to(device)

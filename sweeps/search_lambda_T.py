@@ -35,7 +35,8 @@ if __name__ == "__main__":
             raise ConfigError("dataset", "the search takes one data set")
         storage = args.storage or ("runs/nodekd-smoke" if args.smoke_test else "runs/nodekd")
         check_job_storage(storage)
-        best = run_search(dataset=datasets[0], teacher=args.teacher, t1=args.t1, logits_mode=args.logits_mode,
+        best = run_search(dataset=datasets[0], teacher=args.teacher, t1=args.t1,
+                          logits_mode=args.logits_mode or "paper",      # not given: the paper's
                           num_samples=args.num_samples, settings=settings_from_args(args).validate(),
                           storage_root=storage,
                           resources=resources_from_args(args),
