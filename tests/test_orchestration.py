@@ -466,3 +466,11 @@ def test_the_search_progress_line_counts_trials_and_bounds_the_eta():
                                 "best full-length 80.0% (lam 0.50, T 3.00)")
     again = cloudpickle.loads(cloudpickle.dumps(search_progress("lam-T", 3, 4, lambda line: None)))
     assert again.best is None and callable(again._line)
+
+
+def test_the_attack_stage_eta_comes_from_the_measured_rate():
+    from nodekd_ray.orchestration.driver import _eta
+
+    assert _eta(3, 1, 10.0) == "about 30s left"          # one task in 10 s, three to go
+    assert _eta(6, 4, 600.0) == "about 15m left"
+    assert _eta(2, 0, 5.0) == "ETA after the first task" and _eta(0, 5, 50.0) == "none left"

@@ -39,7 +39,7 @@ from ..storage import Damaged, Storage
 from ..work import attack_problem
 from .cluster import Resources, connect, gpu_node_cpus_per_gpu
 from .interrupt import CtrlC, SigintWatch, SweepInterrupted
-from .progress import quiet_tune, stage_progress
+from .progress import _duration, quiet_tune, stage_progress
 from .tasks import _attack_task, _load_data, _logits_task, job_to_dict, train_trial
 
 
@@ -407,6 +407,14 @@ def _trial_name(trial) -> str:
     return trial.config["job"]["key"]
 
 
+def _eta(left: int, finished: int, seconds: float) -> str:
+    """The attack stage's ETA from the measured rate of finished tasks. The stage hands out its longest tasks
+    first, so the rate so far is the slowest and the estimate errs long."""
+    if not left:
+        return "none left"
+    return f"about {_duration(left * seconds / finished)} left" if finished else "ETA after the first task"
+
+
 def _attack_stage(jobs, storage, settings, res, resources, data_refs, failed, log, ctrl_c: CtrlC) -> dict:
     import ray
 
@@ -424,7 +432,7 @@ def _attack_stage(jobs, storage, settings, res, resources, data_refs, failed, lo
     log(f"attacks: {len(jobs)} tasks, {len(jobs) - len(todo)} already written, {len(runnable)} to run"
         + (f", {skipped} skipped (their model failed)" if skipped else ""))
     pending = {task.remote(job_to_dict(j), settings.to_dict(), storage.root, data_refs[j.dataset]): j for j in runnable}
-    done, errors = 0, {}
+    done, errors, t0 = 0, {}, time.perf_counter()
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         ctrl_c.check()
@@ -432,7 +440,8 @@ def _attack_stage(jobs, storage, settings, res, resources, data_refs, failed, lo
         try:
             ray.get(ready[0])
             done += 1
-            log(f"attacks: {done}/{len(runnable)} written ({job.key}, {job.attack})")
+            log(f"attacks: {done}/{len(runnable)} written ({job.key}, {job.attack}); "
+                f"{_eta(len(runnable) - done - len(errors), done + len(errors), time.perf_counter() - t0)}")
         except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as e:
             errors[f"{job.key}/{job.attack}"] = _cause(e)
             log(f"attacks: FAILED {job.key} ({job.attack}): {errors[f'{job.key}/{job.attack}']}")
