@@ -144,7 +144,7 @@ class ODEFunc(nn.Module):
         self._solve_cache = None   # dict while a solve runs (see solving())
         self.graph_capture = False  # True while cuda_graphs.GraphedSolves captures f: autocast without its cache
         self.graph_inputs = None    # cuda_graphs.GraphSolveInputs while GraphedSolves captures f with a solve's
-                                    # shared inputs
+                                    # shared inputs (read by fused_norm.fused_layers)
 
     def forward(self, t, h):  # h: (B, width, 8, 8), fp32: the solver's state and error control stay fp32
         self.nfe += 1
@@ -208,38 +208,9 @@ class ODEFunc(nn.Module):
             tt = tv.to(h.dtype).expand(h.shape[0], 1, h.shape[2], h.shape[3])
         recompute = self.recompute and torch.is_grad_enabled()
         if self._fused and not recompute and self.time_input != "none" and self.time_conv == "aligned":
-            # Each conv's bias and time term t * response are added inside the next norm's kernel, in fp32
-            # and to the fp32 response (nodekd_ray/speed/fused_norm.py): the conv runs without its bias, and there
-            # is no multiply or add over the state per layer. Within a solve, the norms' parameter gradients
-            # (gamma, beta, the previous conv's bias and response) are summed by the kernels over the solve's
-            # evaluations and handed to autograd once (fused_norm.SolveGrads).
-            # In a CUDA graph with a solve's shared inputs (graph_inputs, cuda_graphs.py), the same sums go to
-            # that solve's fixed buffers, the convs read its prepared weights and add their weight gradients
-            # into its buffers too (cuda_graphs.ConvInto), and cuda_graphs.GraphSolveInputs hands every sum to
-            # autograd once.
-            shared = self.graph_inputs
-            solve = shared is None and self._solve_cache is not None and torch.is_grad_enabled() and \
-                (h.is_cuda or self._fused.interpreting())
-            bias = response = None
-            for i in range(len(self.norms) + 1):
-                norm = self.norms[i] if i < len(self.norms) else self.norm_out
-                gamma, beta, acc = norm.weight, norm.bias, None
-                if solve:
-                    acc, (gamma, beta, bias, response) = self._solve_grads(i, norm, bias, response, h)
-                elif shared is not None:
-                    acc = shared.sums[i]
-                kw = dict(time=None if response is None else (tv, response), bias=bias, acc=acc)
-                if i == len(self.norms):
-                    return h, dict(kw, params=(gamma, beta))
-                a = self._fused.group_norm_act(h, norm.num_groups, gamma, beta, norm.eps, **kw)
-                conv = self.convs[i]
-                bias = conv.bias
-                if shared is not None:
-                    response = shared.responses[i]
-                    h = speed_part("cuda_graphs").ConvInto.apply(a, shared.weights[i], shared.weight_grads[i])
-                    continue
-                w, response = self._aligned_weights(i, conv, h, low_response=False)
-                h = F.conv2d(a, w, None, 1, 1)
+            # f's fused path: the Triton norms add each conv's bias and time term, and sum their parameters'
+            # gradients over a solve (nodekd_ray/speed/fused_norm.py, fused_layers)
+            return self._fused.fused_layers(self, h, tv)
         for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
             gn = (norm.num_groups, norm.weight, norm.bias, norm.eps)
             if recompute:   # time_conv "aligned" or time_input "none" (NODEConfig.validate)
@@ -262,28 +233,6 @@ class ODEFunc(nn.Module):
         """nodekd_ray.speed.fused_norm with norm_impl "triton", else None (a property: a module in the instance's
         attributes would stop deepcopy and pickle, e.g. attacks.with_solver's copy)."""
         return speed_part("fused_norm") if self._triton else None
-
-    def can_share_graph_inputs(self, h0: torch.Tensor) -> bool:
-        """Whether CUDA graphs of f can take a solve's shared inputs (GraphSolveInputs) for state h0: f's fused
-        path (Triton norms, the aligned time conv, no recompute), with the kernels running (they sum the
-        norms' gradients into the solve's buffers; PyTorch's fallback ops would not), and an NCHW state. On an
-        H200, channels-last with shared inputs failed benchmarks/check_graphs.py in its capturing step
-        (gradients 15% off eager; README, "A solve's shared inputs in the graphs"), not yet explained: a
-        channels-last state takes per-evaluation graphs."""
-        return bool(self._fused) and not self.recompute and self.time_input != "none" and \
-            self.time_conv == "aligned" and h0.is_contiguous() and \
-            self._fused.kernels_apply(h0, self.norms[0].num_groups)
-
-    def _solve_grads(self, i: int, norm: nn.GroupNorm, bias, response, h: torch.Tensor):
-        """Norm i's SolveGrads and the proxies of its gamma, beta, and the previous conv's bias and response
-        (None for the first norm), made at the solve's first evaluation and kept for the solve."""
-        key = ("grads", i, h.shape[0])
-        entry = self._solve_cache.get(key)
-        if entry is None:
-            acc = self._fused.SolveGrads(h.shape[0], h.shape[1], h.shape[2] * h.shape[3], response is not None,
-                                         h.device)
-            entry = self._solve_cache[key] = (acc, acc.proxies(norm.weight, norm.bias, bias, response))
-        return entry
 
     def _aligned_weights(self, i: int, conv: nn.Conv2d, h: torch.Tensor, low_response: bool = True):
         """The time channel without breaking alignment: conv(cat([h, t * 1])) is conv over h's width

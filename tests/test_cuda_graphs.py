@@ -238,8 +238,10 @@ def test_shared_inputs_are_the_default_where_f_allows_but_not_channels_last():
     h = torch.rand(2, 16, 8, 8)
     with pytest.MonkeyPatch.context() as mp:   # as on a GPU, where the kernels run
         mp.setattr(model.func._fused, "kernels_apply", lambda h0, groups: True)
-        assert model.func.can_share_graph_inputs(h)
-        assert not model.func.can_share_graph_inputs(h.contiguous(memory_format=torch.channels_last))
+        from nodekd_ray.speed.cuda_graphs import can_share_inputs
+
+        assert can_share_inputs(model.func, h)
+        assert not can_share_inputs(model.func, h.contiguous(memory_format=torch.channels_last))
 
 
 def test_graph_inputs_is_checked_and_a_student_with_triton_norms_copies_for_another_solver():

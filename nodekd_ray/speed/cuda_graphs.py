@@ -57,6 +57,17 @@ FIRST_CHUNK = 8
 KEPT_SETS = 2
 
 
+def can_share_inputs(func, h0: torch.Tensor) -> bool:
+    """Whether CUDA graphs of f (an ODEFunc) can take a solve's shared inputs (GraphSolveInputs) for state h0: f's
+    fused path (Triton norms, the aligned time conv, no recompute), with the kernels running (they sum the norms'
+    gradients into the solve's buffers; PyTorch's fallback ops would not), and an NCHW state. On an H200,
+    channels-last with shared inputs failed benchmarks/check_graphs.py in its capturing step (gradients 15% off
+    eager; docs/performance.md, "A solve's shared inputs in the graphs"), not yet explained: a channels-last
+    state takes per-evaluation graphs."""
+    return bool(func._fused) and not func.recompute and func.time_input != "none" and \
+        func.time_conv == "aligned" and h0.is_contiguous() and func._fused.kernels_apply(h0, func.norms[0].num_groups)
+
+
 # ----------------------------------------------------------------------------- a solve's shared inputs
 
 class ConvInto(torch.autograd.Function):
@@ -83,7 +94,7 @@ class ConvInto(torch.autograd.Function):
 
 class GraphSolveInputs:
     """What one solve's evaluations of f share, in fixed buffers that CUDA graphs of f read and write
-    (cuda_graphs.GraphedSolves, for f's fused path: ODEFunc.can_share_graph_inputs).
+    (cuda_graphs.GraphedSolves, for f's fused path: can_share_inputs).
 
     Eagerly, a solve prepares each conv's weights once (ODEFunc.solving: the slice, the time response, the
     bf16 copy) and the Triton norms sum their parameters' gradients over the solve's evaluations
@@ -212,7 +223,7 @@ class GraphedSolves:
 
     def __init__(self, func, make_graphed=None, share_inputs: bool = True):
         self.func = func
-        # f's graphs take a solve's shared inputs where f allows (ODEFunc.can_share_graph_inputs,
+        # f's graphs take a solve's shared inputs where f allows (can_share_inputs,
         # GraphSolveInputs): bit-identical to the eager student on a CPU (tests/test_cuda_graphs.py), and on
         # an H200 as close to it as eager is to itself (benchmarks/check_graphs.py, against its "+pereval" rows)
         self.share_inputs = share_inputs
@@ -254,7 +265,7 @@ class GraphedSolves:
             del self.sets[next(iter(self.sets))]
         self.solves += 1
         self._next = 0
-        if self.share_inputs and self.func.can_share_graph_inputs(h0):
+        if self.share_inputs and can_share_inputs(self.func, h0):
 
             if self.current.inputs is None:
                 self.current.inputs = GraphSolveInputs(self.func, h0)

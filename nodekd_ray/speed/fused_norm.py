@@ -343,3 +343,56 @@ def group_norm_act(x: torch.Tensor, groups: int, gamma: torch.Tensor, beta: torc
 def gn_relu(h, groups: int, gamma, beta, eps: float):
     """ODEFunc's GroupNorm + ReLU (models._gn_relu's signature) through the fused kernels."""
     return group_norm_act(h, groups, gamma, beta, eps, relu=True)
+
+
+# ----------------------------------------------------------------------------- f's fused path
+
+
+def fused_layers(func, h: torch.Tensor, tv):
+    """ODEFunc's layers on the fused path (norm_impl "triton", the aligned time conv, no recompute): returns the
+    last conv's output and the group_norm_act arguments the final norm still needs (its bias and time term, and
+    the final norm's parameters as "params"). func: the ODEFunc; tv: the time value its channel carries.
+
+    Each conv's bias and time term t * response are added inside the next norm's kernel, in fp32 and to the fp32
+    response: the conv runs without its bias, and there is no multiply or add over the state per layer. Within a
+    solve, the norms' parameter gradients (gamma, beta, the previous conv's bias and response) are summed by the
+    kernels over the solve's evaluations and handed to autograd once (SolveGrads). In a CUDA graph with a solve's
+    shared inputs (func.graph_inputs, cuda_graphs.GraphSolveInputs), the same sums go to that solve's fixed
+    buffers, the convs read its prepared weights and add their weight gradients into its buffers too
+    (cuda_graphs.ConvInto), and GraphSolveInputs hands every sum to autograd once."""
+    shared = func.graph_inputs
+    solve = shared is None and func._solve_cache is not None and torch.is_grad_enabled() and \
+        (h.is_cuda or interpreting())
+    bias = response = None
+    for i in range(len(func.norms) + 1):
+        norm = func.norms[i] if i < len(func.norms) else func.norm_out
+        gamma, beta, acc = norm.weight, norm.bias, None
+        if solve:
+            acc, (gamma, beta, bias, response) = _solve_grads(func, i, norm, bias, response, h)
+        elif shared is not None:
+            acc = shared.sums[i]
+        kw = dict(time=None if response is None else (tv, response), bias=bias, acc=acc)
+        if i == len(func.norms):
+            return h, dict(kw, params=(gamma, beta))
+        a = group_norm_act(h, norm.num_groups, gamma, beta, norm.eps, **kw)
+        conv = func.convs[i]
+        bias = conv.bias
+        if shared is not None:
+            from .cuda_graphs import ConvInto
+
+            response = shared.responses[i]
+            h = ConvInto.apply(a, shared.weights[i], shared.weight_grads[i])
+            continue
+        w, response = func._aligned_weights(i, conv, h, low_response=False)
+        h = F.conv2d(a, w, None, 1, 1)
+
+
+def _solve_grads(func, i: int, norm, bias, response, h: torch.Tensor):
+    """Norm i's SolveGrads and the proxies of its gamma, beta, and the previous conv's bias and response (None for
+    the first norm), made at the solve's first evaluation and kept for the solve (func._solve_cache)."""
+    key = ("grads", i, h.shape[0])
+    entry = func._solve_cache.get(key)
+    if entry is None:
+        acc = SolveGrads(h.shape[0], h.shape[1], h.shape[2] * h.shape[3], response is not None, h.device)
+        entry = func._solve_cache[key] = (acc, acc.proxies(norm.weight, norm.bias, bias, response))
+    return entry
