@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from .config_cli import OneLineParser as _Parser   # one-line errors naming the field
 from .errors import ConfigError, check_choice
 
 
@@ -16,9 +17,6 @@ from .errors import ConfigError, check_choice
 # the speed fields come through --speed and --node instead.
 STUDENT_NODE_FIELDS = ("t1", "width", "layers", "stem_channels", "solver", "rtol", "atol", "max_num_steps",
                        "step_size", "adjoint", "time_input", "recompute")
-
-
-from .config_cli import OneLineParser as _Parser
 
 
 # RecipeConfig fields that nodekd offers as options, generated from the dataclass (config_cli.py); the same fields

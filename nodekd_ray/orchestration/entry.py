@@ -6,17 +6,15 @@ import dataclasses
 import os
 import sys
 
-from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
 from ..computation import parse_node_overrides
+from ..config_cli import OneLineParser as _Parser   # one-line errors naming the field
+from ..errors import NO_SPACE, ConfigError, StorageFull, is_no_space
 from ..jobs import Settings, job_config, plan
 from ..presets import SCALES, SweepSpec
 from ..schedule import expected_cost, list_schedule
 from .cluster import Resources, gpu_node_cpus_per_gpu
 from .driver import run_sweep, stages
 from .interrupt import exit_now
-
-
-from ..config_cli import OneLineParser as _Parser
 
 
 # The sweep scripts' options generated from dataclass fields (config_cli.py), by group: the names, types, choices and
